@@ -1,0 +1,1 @@
+"""llb_edge/models"""

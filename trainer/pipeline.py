@@ -1,0 +1,120 @@
+"""`llb-edge train` end to end: data -> (LLB stage 1) -> stage 2 -> run directory -> evaluation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from llb_edge.trainer.evaluate import evaluate, score_encoded
+from llb_edge.trainer.features import EncodedImages, load_model_inputs
+from llb_edge.trainer.train import train_dinomaly
+from safetensors.torch import save_file
+
+from llb_edge import runs
+from llb_edge.config import RunConfig, write_config
+from llb_edge.data.images import validate_split
+from llb_edge.data.readers import load_dataset
+from llb_edge.data.samples import DatasetSplit, save_sample_list
+from llb_edge.data.transforms import Geometry
+from llb_edge.models.dinomaly import AnomalyScorer, Dinomaly, InspectionModel, create_dinomaly
+
+log = logging.getLogger(__name__)
+
+
+def make_scorer(cfg: RunConfig) -> AnomalyScorer:
+    e = cfg.eval
+    return AnomalyScorer(cfg.data.crop, e.map_size, e.gaussian_sigma, e.gaussian_kernel, e.top_fraction)
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    run_dir = cfg.run_dir
+    if (run_dir / runs.CONFIG).exists() and not resume:
+        raise runs.RunError(
+            f"run directory {run_dir} already holds a run; continue it with --resume, "
+            "or choose another name with --name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, run_dir / runs.CONFIG)
+    return run_dir
+
+
+def score_stats(scores: np.ndarray) -> dict[str, float]:
+    """Distribution of the final model's scores on its own training images (threshold calibration)."""
+    quantiles = {f"q{q:g}": float(np.quantile(scores, q / 100)) for q in (50, 90, 95, 99, 99.5, 100)}
+    return {"count": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std()), **quantiles}
+
+
+def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = True) -> Path:
+    """Train a run (resumable) and evaluate it on the test split; returns the run directory."""
+    run_dir = prepare_run_dir(cfg, resume)
+    device = runs.resolve_device(cfg.train.device)
+    geometry = Geometry(cfg.data.resize, cfg.data.crop)
+    split: DatasetSplit = validate_split(load_dataset(cfg.data), cfg.data.on_bad_file)
+    log.info("dataset %s", split.summary())
+
+    torch.manual_seed(cfg.train.seed)
+    model, backbone = create_dinomaly(cfg.model.encoder, cfg.data.crop, cfg.model.weights, cfg.model.dropout)
+    model.to(device)
+    images = load_model_inputs(split.train, geometry, desc="loading training images")
+    t0 = time.perf_counter()
+    features = EncodedImages(model, images, device, cached=cfg.train.cache_features, batch_size=cfg.train.batch_size)
+    encode_seconds = time.perf_counter() - t0
+
+    stages = {s.strip() for s in cfg.llb.stages.split(",")}
+    kept = np.arange(len(split.train))
+    screening: dict = {}
+    if "1" in stages:
+        from llb_edge.trainer.llb import run_stage1
+
+        kept, screening = run_stage1(cfg, model.encoder, features, split.train, run_dir, resume, make_scorer(cfg))
+    train_samples = [split.train[i] for i in kept]
+    save_sample_list(train_samples, run_dir / runs.TRAIN_LIST)
+
+    final = model if "1" not in stages else Dinomaly(model.encoder, model.decoder[0].attn.num_heads,
+                                                      cfg.model.dropout)
+    result = train_dinomaly(
+        final, features, kept, cfg.train, cfg.train.iterations, cfg.train.seed,
+        checkpoint=run_dir / runs.CHECKPOINT, resume=resume, log_path=run_dir / "train_log.jsonl", desc="stage 2",
+    )
+    save_file({k: v.detach().cpu().contiguous() for k, v in final.trainable_state_dict().items()},
+              str(run_dir / runs.MODEL))
+    train_scores, _ = score_encoded(final, make_scorer(cfg).to(device), features, kept)
+    runs.write_json(run_dir / runs.TRAIN_SCORES, {"stats": score_stats(train_scores),
+                                                  "scores": {s.path: float(v) for s, v in
+                                                             zip(train_samples, train_scores, strict=True)}})
+    metadata = {
+        "encoder": cfg.model.encoder,
+        "backbone": backbone,
+        "input": {"resize": cfg.data.resize, "crop": cfg.data.crop},
+        "iterations": cfg.train.iterations,
+        "batch_size": cfg.train.batch_size,
+        "device": str(device),
+        "precision": cfg.train.precision,
+        "train_images": len(train_samples),
+        "train_list": runs.TRAIN_LIST,
+        "dataset": {"name": split.name, "train": len(split.train), "test": len(split.test)},
+        "stages": sorted(stages),
+        "screening": screening,
+        "timing": {"encode_seconds": encode_seconds, "train_seconds": result.seconds,
+                   "train_images_per_second": result.images_per_second},
+        "final_loss": result.final_loss,
+    }
+    runs.write_json(run_dir / runs.METADATA, metadata)
+    if evaluate_after and split.test:
+        inspection = InspectionModel(final, make_scorer(cfg)).to(device).eval()
+        metrics = evaluate(inspection, split.test, geometry, cfg.eval, device, run_dir)
+        runs.write_json(run_dir / runs.METRICS, metrics)
+    return run_dir
+
+
+def run_evaluation(run_dir: Path, device: str = "auto", weights: str | None = None) -> dict[str, float]:
+    """`llb-edge eval`: re-evaluate a finished run on its test split."""
+    target = runs.resolve_device(device)
+    inspection, cfg, _ = runs.load_inspection_model(run_dir, str(target), weights)
+    split = validate_split(load_dataset(cfg.data), cfg.data.on_bad_file)
+    metrics = evaluate(inspection, split.test, Geometry(cfg.data.resize, cfg.data.crop), cfg.eval, target, run_dir)
+    runs.write_json(run_dir / runs.METRICS, metrics)
+    return metrics
