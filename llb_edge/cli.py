@@ -46,11 +46,15 @@ def train(
     data: Annotated[str | None, typer.Option(help="Dataset root (data.root).")] = None,
     dataset: Annotated[str | None, typer.Option(help="mtd | mvtec | visa | realiad | folder | elpv.")] = None,
     category: Annotated[str | None, typer.Option(help="Category for multi-category datasets.")] = None,
-    weights: Annotated[str | None, typer.Option(help="Backbone weights: .safetensors, .pth, 'embedded', 'timm'.")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Backbone weights: .safetensors, .pth, 'embedded', 'timm'.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N.")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32 | bf16 (autocast).")] = None,
     iterations: Annotated[int | None, typer.Option(help="Final-model (stage 2) iterations.")] = None,
-    stages: Annotated[str | None, typer.Option(help="'1,2' runs LLB screening then the final model; '2' skips screening.")] = None,
+    stages: Annotated[
+        str | None, typer.Option(help="'1,2': LLB screening then the final model; '2': no screening (baseline).")
+    ] = None,
     k: Annotated[int | None, typer.Option("--k", help="LLB stage 1: number of subsets / sub-models.")] = None,
     keep: Annotated[float | None, typer.Option(help="LLB stage 1: fraction of lowest-scored images kept.")] = None,
     submodel: Annotated[str | None, typer.Option(help="LLB stage 1 sub-model: dinomaly | knn.")] = None,
