@@ -1,0 +1,805 @@
+"""`llb-edge serve`: the line-side inspection daemon.
+
+Threads and what they own (ZeroMQ sockets are not thread-safe, so each socket has one owner):
+
+- intake reader: the PULL/SUB socket. Validates each message (llb_edge.protocol), decodes and
+  resizes the image, and queues it in its camera's keep-newest queue. Bad messages become error
+  results (when the camera and frame id are readable) and counters; nothing a sender does can
+  stop the thread.
+- inference: takes dynamic batches from the queues, runs the backend, post-processes each frame.
+- publisher: the PUB socket. Sends results from an outbox queue and a heartbeat every interval.
+- control: the REP socket (reload, status, threshold).
+- health: HTTP /live /ready /metrics.
+
+Hot reload: the new bundle is loaded and self-checked on the control thread while the old model
+keeps serving; the swap is a single reference assignment that the inference thread picks up at
+its next batch, so no frame is lost or answered twice. The retired backend is closed by the
+inference thread between batches (never while it may still be running on it).
+
+Shutdown (SIGTERM or stop()): stop taking control commands, stop reading (after draining what
+already arrived on the socket), finish every queued frame, publish, flush, exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+from llb_edge.runtime.backends import BACKEND_CHOICES, Backend, create_backend, self_check
+from llb_edge.runtime.control import ControlRequest, parse_control_request
+from llb_edge.runtime.frames import DEFAULT_MAX_PIXELS, Frame, FrameQueues, decode_frame_image
+from llb_edge.runtime.health import (
+    BATCH_BUCKETS,
+    LATENCY_BUCKETS,
+    HealthServer,
+    MetricsRegistry,
+)
+from llb_edge.runtime.keys import ClientAllowList, configure_server
+from llb_edge.runtime.logs import RateLimitedLog, configure_json_logging, get_logger, log_event
+from llb_edge.runtime.postprocess import ModelIdentity, error_result, inspection_result, pixel_threshold_of
+
+from llb_edge.bundle import Bundle, load_bundle
+from llb_edge.data.transforms import Geometry
+from llb_edge.protocol import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    MAP_ENCODINGS,
+    MAX_HEADER_BYTES,
+    ErrorCode,
+    FrameHeader,
+    Heartbeat,
+    ProtocolError,
+    decode_frame,
+    encode_heartbeat,
+    encode_result,
+)
+
+DEFAULT_INTAKE = "tcp://127.0.0.1:5555"
+DEFAULT_RESULTS = "tcp://127.0.0.1:5556"
+DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
+DEFAULT_HEALTH_PORT = 8765
+INTAKE_MODES = ("pull", "sub")
+MAP_PAYLOAD_CHOICES = ("none", *MAP_ENCODINGS)
+
+POLL_MS = 100  # how often blocked threads look at their stop flag
+OUTBOX_LIMIT = 10_000  # results waiting for the publisher; PUB never blocks, so this stays near 0
+DRAIN_LIMIT = 10_000  # messages read from the intake socket after a stop request
+FLUSH_LINGER_MS = 1000  # time given to ZeroMQ to put the last results on the wire at shutdown
+
+logger = get_logger("daemon")
+
+
+@dataclass
+class ServeOptions:
+    """Everything `llb-edge serve` can be told; defaults are safe for a line PC (loopback only)."""
+
+    intake: str = DEFAULT_INTAKE  # endpoint frames arrive on
+    intake_mode: str = "pull"  # pull (cameras PUSH to us) | sub (we subscribe to cameras' PUB)
+    intake_connect: bool = False  # connect to ``intake`` instead of binding it (SUB to a camera)
+    results: str = DEFAULT_RESULTS  # PUB endpoint results and heartbeats go out on (bound)
+    control: str | None = DEFAULT_CONTROL  # REP endpoint for reload/status/threshold; None: off
+    health_host: str = "127.0.0.1"
+    health_port: int | None = DEFAULT_HEALTH_PORT  # HTTP /live /ready /metrics; 0: any free; None: off
+    backend: str = "auto"  # auto | tensorrt | ort-cuda | ort-cpu
+    max_batch: int = 8
+    max_wait_ms: float = 2.0  # how long the oldest frame may wait for a batch to fill
+    queue_size: int = 4  # frames per camera before keep-newest drops the oldest
+    max_cameras: int = 64
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decoded image size limit
+    map_payload: str = "none"  # none | uint8 | float16: attach the anomaly map to results
+    heartbeat_s: float = 1.0
+    intake_hwm: int = 16  # small: a backlog in ZeroMQ buffers is latency the line pays for
+    results_hwm: int = 1000
+    curve_secret: Path | None = None  # server .key_secret: enables CURVE on intake and results
+    curve_allowed: Path | None = None  # folder of allowed client .key files (required with CURVE)
+    ort_threads: int | None = None  # ONNX Runtime intra-op threads; None: all cores
+
+    def validate(self) -> None:
+        problems = []
+        if self.intake_mode not in INTAKE_MODES:
+            problems.append(f"intake_mode must be one of {INTAKE_MODES}")
+        if self.backend not in BACKEND_CHOICES:
+            problems.append(f"backend must be one of {BACKEND_CHOICES}")
+        if self.map_payload not in MAP_PAYLOAD_CHOICES:
+            problems.append(f"map_payload must be one of {MAP_PAYLOAD_CHOICES}")
+        for name in ("max_batch", "queue_size", "max_cameras", "max_payload_bytes", "max_pixels", "intake_hwm"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.max_wait_ms < 0 or self.heartbeat_s <= 0:
+            problems.append("max_wait_ms must be >= 0 and heartbeat_s > 0")
+        if (self.curve_secret is None) != (self.curve_allowed is None):
+            problems.append("CURVE needs both curve_secret (server key) and curve_allowed (client keys folder)")
+        if problems:
+            raise ValueError("invalid serve options: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A loaded, self-checked model and the settings results are computed with."""
+
+    bundle: Bundle
+    backend: Backend
+    geometry: Geometry
+    threshold: float
+    pixel_threshold: float
+    identity: ModelIdentity
+    threshold_override: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "bundle": str(self.bundle.root),
+            "model_id": self.identity.model_id,
+            "model_version": self.identity.model_version,
+            "backend": self.identity.backend,
+            "threshold": self.threshold,
+            "threshold_override": self.threshold_override,
+            "pixel_threshold": self.pixel_threshold,
+            "input_size": self.geometry.crop,
+            "map_size": self.bundle.manifest.map_size,
+        }
+
+
+def load_serving_model(bundle_dir: str | Path, options: ServeOptions) -> ServingModel:
+    """Load a bundle (checksums verified), create its backend and self-check it; raises if unusable."""
+    bundle = load_bundle(bundle_dir, verify=True)
+    manifest = bundle.manifest
+    geometry = Geometry(resize=manifest.preprocessing.resize, crop=manifest.preprocessing.crop)
+    backend = create_backend(bundle, options.backend, max_batch=options.max_batch, intra_op_threads=options.ort_threads)
+    try:
+        self_check(backend, geometry.crop, manifest.map_size)
+    except Exception:
+        backend.close()
+        raise
+    return ServingModel(
+        bundle=bundle,
+        backend=backend,
+        geometry=geometry,
+        threshold=bundle.threshold,
+        pixel_threshold=pixel_threshold_of(bundle),
+        identity=ModelIdentity(manifest.model_id, manifest.model_version, backend.name),
+    )
+
+
+class DaemonMetrics:
+    """The daemon's Prometheus metrics (names documented in docs/protocol.md)."""
+
+    def __init__(self) -> None:
+        self.registry = MetricsRegistry()
+        r = self.registry
+        self.messages = r.counter("llb_messages_received_total", "Messages read from the intake socket")
+        self.frames = r.counter("llb_frames_inspected_total", "Frames inspected", ["camera", "decision"])
+        self.errors = r.counter("llb_errors_total", "Frames or messages that got no inspection", ["code"])
+        self.drops = r.counter("llb_frames_dropped_total", "Frames replaced by newer ones (keep-newest)", ["camera"])
+        self.results_lost = r.counter("llb_results_lost_total", "Results not published: outbox full")
+        self.queue_depth = r.gauge("llb_queue_depth", "Frames waiting per camera", ["camera"])
+        self.batch_size = r.histogram("llb_batch_size", "Frames per inference batch", BATCH_BUCKETS)
+        self.latency = r.histogram(
+            "llb_stage_latency_seconds", "Per-frame latency by stage", LATENCY_BUCKETS, ["stage"]
+        )
+        self.model_info = r.gauge("llb_model_info", "The model being served", ["model_id", "model_version", "backend"])
+        self.threshold = r.gauge("llb_threshold", "Decision threshold in use")
+        self.reloads = r.counter("llb_reloads_total", "Bundle reloads", ["outcome"])
+        self.ready = r.gauge("llb_ready", "1 while serving")
+
+
+class Daemon:
+    """The serving core. ``Daemon(bundle, options).start()``, then ``stop()``; usable as a context."""
+
+    def __init__(self, bundle_dir: str | Path, options: ServeOptions | None = None) -> None:
+        self.options = options or ServeOptions()
+        self.options.validate()
+        self.bundle_dir = Path(bundle_dir)
+        self.metrics = DaemonMetrics()
+        self.endpoints: dict[str, str] = {}
+        self.health_url: str | None = None
+        self._context = zmq.Context()
+        self._queues = FrameQueues(self.options.queue_size, self.options.max_cameras)
+        self._outbox: queue.Queue[list[Any] | None] = queue.Queue(maxsize=OUTBOX_LIMIT)
+        self._model: ServingModel | None = None
+        self._retired: list[ServingModel] = []
+        self._swap_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._stop_control = threading.Event()
+        self._stop_intake = threading.Event()
+        self._stop_inference = threading.Event()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._health: HealthServer | None = None
+        self._allow_list: ClientAllowList | None = None
+        self._state = "starting"
+        self._started_at = time.monotonic()
+        self._heartbeat_seq = 0
+        self._error_log = RateLimitedLog(logger)
+        self.metrics.registry.add_collector(self._collect_gauges)
+
+    # ------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> Daemon:
+        """Load the bundle, bind the sockets, start the threads. Raises if the bundle is unusable."""
+        sockets: list[zmq.Socket] = []
+        try:
+            self._set_model(load_serving_model(self.bundle_dir, self.options))
+            if self.options.curve_allowed is not None:
+                self._allow_list = ClientAllowList(self._context, self.options.curve_allowed)
+            intake = self._intake_socket()
+            sockets.append(intake)
+            results = self._results_socket()
+            sockets.append(results)
+            control = self._control_socket() if self.options.control else None
+            if control is not None:
+                sockets.append(control)
+            if self.options.health_port is not None:
+                self._health = HealthServer(
+                    self.metrics.registry,
+                    self.is_live,
+                    self.is_ready,
+                    self.options.health_host,
+                    self.options.health_port,
+                )
+                self.health_url = self._health.url
+        except BaseException:
+            for sock in sockets:
+                sock.close(linger=0)
+            self._shutdown_resources()
+            self._stopped.set()
+            raise
+        self._threads = [
+            threading.Thread(target=self._intake_loop, args=(intake,), name="llb-intake", daemon=True),
+            threading.Thread(target=self._inference_loop, name="llb-inference", daemon=True),
+            threading.Thread(target=self._publish_loop, args=(results,), name="llb-publisher", daemon=True),
+        ]
+        if control is not None:
+            self._threads.append(
+                threading.Thread(target=self._control_loop, args=(control,), name="llb-control", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
+        if self._health is not None:
+            self._health.start()
+        self._state = "serving"
+        log_event(
+            logger,
+            logging.INFO,
+            "serving",
+            **self.endpoints,
+            health=self.health_url,
+            **self._model_or_raise().describe(),
+        )
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Graceful stop: finish and publish every frame already received, then release everything."""
+        if self._stopped.is_set():
+            return
+        self._state = "stopping"
+        deadline = time.monotonic() + timeout_s
+        queued_at_stop = self._queues.total()
+        self._stop_control.set()
+        self._join("llb-control", deadline)
+        self._stop_intake.set()
+        self._join("llb-intake", deadline)
+        self._queues.close()
+        self._stop_inference.set()
+        self._join("llb-inference", deadline)
+        with contextlib.suppress(queue.Full):
+            self._outbox.put(None, timeout=max(0.1, deadline - time.monotonic()))
+        self._join("llb-publisher", deadline)
+        self._shutdown_resources()
+        self._stopped.set()
+        log_event(logger, logging.INFO, "stopped", queued_at_stop=queued_at_stop, **self._totals())
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        return self._stopped.wait(timeout_s)
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _join(self, name: str, deadline: float) -> None:
+        for thread in self._threads:
+            if thread.name == name:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    log_event(logger, logging.ERROR, "thread_did_not_stop", thread=name)
+
+    def _shutdown_resources(self) -> None:
+        if self._health is not None:
+            self._health.stop()
+        if self._allow_list is not None:
+            self._allow_list.stop()
+        with self._swap_lock:
+            models = [*self._retired, *([self._model] if self._model else [])]
+            self._retired.clear()
+        for model in models:
+            model.backend.close()
+        # term() waits for every socket to be closed by its thread; a thread that did not stop
+        # (logged by _join) would make it wait forever, so the process exit reclaims them instead.
+        if not any(thread.is_alive() for thread in self._threads):
+            self._context.term()
+
+    # ------------------------------------------------------------------------------ sockets
+
+    def _bind(self, sock: zmq.Socket, endpoint: str, role: str) -> None:
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as err:
+            raise OSError(f"cannot bind the {role} socket to {endpoint}: {err}") from err
+        self.endpoints[role] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        if self.options.curve_secret is not None:
+            configure_server(sock, self.options.curve_secret)
+
+    def _intake_socket(self) -> zmq.Socket:
+        options = self.options
+        sock = self._context.socket(zmq.PULL if options.intake_mode == "pull" else zmq.SUB)
+        sock.linger = 0
+        sock.rcvtimeo = POLL_MS
+        sock.rcvhwm = options.intake_hwm
+        # Refuse absurd parts inside ZeroMQ, before they are allocated; sizes between the
+        # protocol limit and this one are answered with TOO_LARGE results.
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * options.max_payload_bytes + MAX_HEADER_BYTES)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        if options.intake_mode == "sub":
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._secure(sock)
+        if options.intake_connect:
+            sock.connect(options.intake)
+            self.endpoints["intake"] = options.intake
+        else:
+            self._bind(sock, options.intake, "intake")
+        return sock
+
+    def _results_socket(self) -> zmq.Socket:
+        sock = self._context.socket(zmq.PUB)
+        sock.linger = 0
+        sock.sndhwm = self.options.results_hwm
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        self._secure(sock)
+        self._bind(sock, self.options.results, "results")
+        return sock
+
+    def _control_socket(self) -> zmq.Socket:
+        sock = self._context.socket(zmq.REP)
+        sock.linger = 0
+        sock.rcvtimeo = POLL_MS
+        sock.sndtimeo = 1000
+        assert self.options.control is not None
+        self._bind(sock, self.options.control, "control")
+        return sock
+
+    # ------------------------------------------------------------------------------- intake
+
+    def _intake_loop(self, sock: zmq.Socket) -> None:
+        while not self._stop_intake.is_set():
+            try:
+                parts = sock.recv_multipart(copy=False)
+            except zmq.Again:
+                continue
+            except zmq.ZMQError as err:
+                log_event(logger, logging.ERROR, "intake_socket_error", error=str(err))
+                time.sleep(POLL_MS / 1000)
+                continue
+            self._accept(parts)
+        # Frames that already reached the socket count as in flight: answer them too.
+        for _ in range(DRAIN_LIMIT):
+            try:
+                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:
+                break
+            self._accept(parts)
+        sock.close(linger=0)
+
+    def _accept(self, parts: list[Any]) -> None:
+        """Validate, decode and queue one message; every failure is answered or counted, never raised."""
+        received = time.perf_counter()
+        self.metrics.messages.inc()
+        header: FrameHeader | None = None
+        try:
+            header, payload = decode_frame(parts, self.options.max_payload_bytes)
+            geometry = self._model_or_raise().geometry
+            image = decode_frame_image(header, payload, self.options.max_pixels)
+            model_input = geometry.to_model_input(image)
+            frame = Frame(
+                header=header,
+                image=image,
+                model_input=model_input,
+                geometry=geometry,
+                received=received,
+                decode_s=time.perf_counter() - received,
+            )
+            evicted = self._queues.put(frame)
+            if evicted is not None:
+                self.metrics.drops.inc(camera=evicted.header.camera_id)
+                self._answer_error(
+                    evicted.header,
+                    ErrorCode.DROPPED,
+                    f"replaced by a newer frame (queue of {self.options.queue_size} full)",
+                )
+        except ProtocolError as err:
+            self._count_error(err.code, err.message, err.camera_id, err.frame_id)
+            if err.attributable:
+                assert err.camera_id is not None and err.frame_id is not None
+                capture_ts = header.capture_ts if header is not None else None
+                self._publish_error(err.camera_id, err.frame_id, capture_ts, err.code, err.message)
+        except Exception as err:  # noqa: BLE001 - a bug must not take the intake down
+            logger.exception("intake_internal_error", extra={"fields": {"error": repr(err)}})
+            if header is not None:
+                self._answer_error(header, ErrorCode.INTERNAL, f"internal error: {err!r}")
+            else:
+                self._count_error(ErrorCode.INTERNAL, repr(err), None, None)
+
+    def _answer_error(self, header: FrameHeader, code: ErrorCode, message: str) -> None:
+        self._count_error(code, message, header.camera_id, header.frame_id)
+        self._publish_error(header.camera_id, header.frame_id, header.capture_ts, code, message)
+
+    def _count_error(self, code: ErrorCode, message: str, camera_id: str | None, frame_id: int | str | None) -> None:
+        self.metrics.errors.inc(code=code.name)
+        self._error_log.log(
+            logging.WARNING,
+            code.name,
+            "frame_error",
+            code=code.name,
+            message=message,
+            camera_id=camera_id,
+            frame_id=frame_id,
+        )
+
+    def _publish_error(
+        self, camera_id: str, frame_id: int | str, capture_ts: float | None, code: ErrorCode, message: str
+    ) -> None:
+        identity = self._model.identity if self._model is not None else None
+        result = error_result(camera_id, frame_id, capture_ts, code, message, identity)
+        self._publish(encode_result(dataclasses.replace(result, published_ts=time.time())))
+
+    # ---------------------------------------------------------------------------- inference
+
+    def _inference_loop(self) -> None:
+        max_wait_s = self.options.max_wait_ms / 1000
+        while True:
+            self._close_retired()
+            batch = self._queues.take_batch(self.options.max_batch, max_wait_s)
+            if batch:
+                self._process(batch)
+            elif self._stop_inference.is_set():
+                break
+        self._close_retired()
+
+    def _process(self, batch: list[Frame]) -> None:
+        model = self._model_or_raise()
+        started = time.perf_counter()
+        try:
+            inputs = np.stack([frame.input_for(model.geometry) for frame in batch])
+            maps, scores, maxes = model.backend.run(inputs)
+        except Exception as err:  # noqa: BLE001 - answer the frames, keep serving
+            logger.exception("inference_failed", extra={"fields": {"batch": len(batch), "error": repr(err)}})
+            for frame in batch:
+                self._answer_error(frame.header, ErrorCode.INFERENCE_FAILED, f"inference failed: {err}")
+            return
+        infer_s = time.perf_counter() - started
+        self.metrics.batch_size.observe(len(batch))
+        map_encoding = None if self.options.map_payload == "none" else self.options.map_payload
+        for index, frame in enumerate(batch):
+            post_started = time.perf_counter()
+            header = frame.header
+            try:
+                result, payload = inspection_result(
+                    camera_id=header.camera_id,
+                    frame_id=header.frame_id,
+                    capture_ts=header.capture_ts,
+                    anomaly_map=maps[index],
+                    score=float(scores[index]),
+                    score_max=float(maxes[index]),
+                    threshold=model.threshold,
+                    pixel_threshold=model.pixel_threshold,
+                    geometry=model.geometry,
+                    height=frame.height,
+                    width=frame.width,
+                    identity=model.identity,
+                    map_encoding=map_encoding,
+                )
+            except Exception as err:  # noqa: BLE001
+                logger.exception("postprocess_failed", extra={"fields": {"error": repr(err)}})
+                self._answer_error(header, ErrorCode.INTERNAL, f"post-processing failed: {err!r}")
+                continue
+            done = time.perf_counter()
+            latency_s = {
+                "decode": frame.decode_s,
+                "queue": started - frame.enqueued,
+                "infer": infer_s,
+                "post": done - post_started,
+                "total": done - frame.received,
+            }
+            for stage, seconds in latency_s.items():
+                self.metrics.latency.observe(seconds, stage=stage)
+            result = dataclasses.replace(
+                result,
+                latency_ms={stage: round(seconds * 1000, 3) for stage, seconds in latency_s.items()},
+                published_ts=time.time(),
+            )
+            if result.error is not None:
+                self._count_error(result.error.code, result.error.message, header.camera_id, header.frame_id)
+            else:
+                self.metrics.frames.inc(camera=header.camera_id, decision=str(result.decision))
+            self._publish(encode_result(result, payload))
+
+    # ---------------------------------------------------------------------------- publishing
+
+    def _publish(self, parts: list[Any]) -> None:
+        try:
+            self._outbox.put_nowait(parts)
+        except queue.Full:
+            self.metrics.results_lost.inc()
+
+    def _publish_loop(self, sock: zmq.Socket) -> None:
+        interval = self.options.heartbeat_s
+        next_heartbeat = time.monotonic()
+        while True:
+            try:
+                parts = self._outbox.get(timeout=max(0.0, next_heartbeat - time.monotonic()))
+            except queue.Empty:
+                parts = []
+            if parts is None:  # the stop sentinel: everything before it has been sent
+                break
+            if parts:
+                self._send(sock, parts)
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                self._send(sock, encode_heartbeat(self._heartbeat()))
+                next_heartbeat = max(next_heartbeat + interval, now)
+        self._send(sock, encode_heartbeat(self._heartbeat()))
+        # LINGER=0 is right while serving (never block on a slow subscriber) but would discard
+        # the last results at shutdown; give them a bounded moment to reach the wire.
+        sock.close(linger=FLUSH_LINGER_MS)
+
+    def _send(self, sock: zmq.Socket, parts: list[Any]) -> None:
+        try:
+            sock.send_multipart(parts, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            # PUB drops at the high-water mark instead of raising; anything else is logged.
+            self._error_log.log(logging.ERROR, "publish", "publish_failed", error=str(err))
+
+    def _heartbeat(self) -> Heartbeat:
+        self._heartbeat_seq += 1
+        model = self._model
+        totals = self._totals()
+        return Heartbeat(
+            ts=time.time(),
+            seq=self._heartbeat_seq,
+            state=self._state,
+            ready=self.is_ready(),
+            model_id=model.identity.model_id if model else None,
+            model_version=model.identity.model_version if model else None,
+            backend=model.identity.backend if model else None,
+            uptime_s=round(time.monotonic() - self._started_at, 3),
+            frames=int(totals["frames"]),
+            errors=int(totals["errors"]),
+            drops=int(totals["drops"]),
+            queue_depth=self._queues.total(),
+        )
+
+    # ------------------------------------------------------------------------ models, reload
+
+    def _model_or_raise(self) -> ServingModel:
+        model = self._model
+        if model is None:
+            raise RuntimeError("no model loaded")
+        return model
+
+    def _set_model(self, model: ServingModel) -> ServingModel | None:
+        with self._swap_lock:
+            old = self._model
+            self._model = model  # one reference assignment: the inference thread sees old or new
+            if old is not None and old.backend is not model.backend:
+                self._retired.append(old)
+        self.metrics.model_info.clear()
+        self.metrics.model_info.set(1, **dataclasses.asdict(model.identity))
+        self.metrics.threshold.set(model.threshold)
+        return old
+
+    def _close_retired(self) -> None:
+        with self._swap_lock:
+            retired, self._retired = self._retired, []
+        for model in retired:
+            model.backend.close()
+
+    def reload(self, bundle_dir: str | Path | None = None) -> dict[str, Any]:
+        """Load ``bundle_dir`` (default: the current folder, re-reading bundle.json), self-check it,
+        and swap it in. On any failure the old model keeps serving and ``ok`` is False."""
+        with self._reload_lock:
+            target = Path(bundle_dir) if bundle_dir is not None else self.bundle_dir
+            current = self._model_or_raise()
+            try:
+                model = load_serving_model(target, self.options)
+            except Exception as err:  # noqa: BLE001 - whatever breaks, the old model stays
+                self.metrics.reloads.inc(outcome="refused")
+                log_event(logger, logging.WARNING, "reload_refused", bundle=str(target), reason=str(err))
+                return {"ok": False, "error": str(err), "model": current.describe()}
+            self._set_model(model)
+            self.bundle_dir = target
+            allowed_keys = self._allow_list.refresh() if self._allow_list is not None else None
+            self.metrics.reloads.inc(outcome="ok")
+            log_event(
+                logger,
+                logging.INFO,
+                "reloaded",
+                old_version=current.identity.model_version,
+                allowed_client_keys=allowed_keys,
+                **model.describe(),
+            )
+            return {"ok": True, "model": model.describe(), "previous": current.describe()}
+
+    def set_threshold(self, value: float) -> dict[str, Any]:
+        """Override the decision threshold until the next reload (not written to the bundle)."""
+        if not np.isfinite(value):
+            return {"ok": False, "error": f"threshold must be finite, got {value}"}
+        with self._reload_lock:
+            current = self._model_or_raise()
+            self._set_model(dataclasses.replace(current, threshold=float(value), threshold_override=True))
+        log_event(logger, logging.INFO, "threshold_override", old=current.threshold, new=float(value))
+        return {"ok": True, "threshold": float(value), "previous": current.threshold}
+
+    # ------------------------------------------------------------------------------ control
+
+    def _control_loop(self, sock: zmq.Socket) -> None:
+        while not self._stop_control.is_set():
+            try:
+                data = sock.recv()
+            except zmq.Again:
+                continue
+            except zmq.ZMQError as err:
+                log_event(logger, logging.ERROR, "control_socket_error", error=str(err))
+                time.sleep(POLL_MS / 1000)
+                continue
+            try:
+                reply = self._handle_control(parse_control_request(data))
+            except ValueError as err:
+                reply = {"ok": False, "error": str(err)}
+            except Exception as err:  # noqa: BLE001 - REP must always answer
+                logger.exception("control_failed")
+                reply = {"ok": False, "error": f"internal error: {err!r}"}
+            try:
+                sock.send(json.dumps(reply, default=str).encode())
+            except zmq.ZMQError as err:
+                log_event(logger, logging.WARNING, "control_reply_failed", error=str(err))
+        sock.close(linger=0)
+
+    def _handle_control(self, request: ControlRequest) -> dict[str, Any]:
+        if request.cmd == "status":
+            return {"ok": True, **self.status()}
+        if request.cmd == "reload":
+            return self.reload(request.args.get("path"))
+        value = request.args.get("value")
+        if value is None:
+            model = self._model_or_raise()
+            return {"ok": True, "threshold": model.threshold, "override": model.threshold_override}
+        return self.set_threshold(float(value))
+
+    # ------------------------------------------------------------------------- observability
+
+    def is_live(self) -> bool:
+        return not self._stopped.is_set() and all(thread.is_alive() for thread in self._threads)
+
+    def is_ready(self) -> bool:
+        return self._state == "serving" and self._model is not None
+
+    def _totals(self) -> dict[str, float]:
+        return {
+            "frames": self.metrics.frames.total(),
+            "errors": self.metrics.errors.total(),
+            "drops": self.metrics.drops.total(),
+        }
+
+    def _collect_gauges(self) -> None:
+        for camera, depth in self._queues.depths().items():
+            self.metrics.queue_depth.set(depth, camera=camera)
+        self.metrics.ready.set(1.0 if self.is_ready() else 0.0)
+
+    def status(self) -> dict[str, Any]:
+        model = self._model
+        return {
+            "state": self._state,
+            "ready": self.is_ready(),
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "model": model.describe() if model else None,
+            "endpoints": self.endpoints,
+            "health": self.health_url,
+            "queues": self._queues.depths(),
+            "queue_capacity": self._queues.capacity,
+            "queue_peak_depth": self._queues.peak_depth,
+            "errors": {key[0]: value for key, value in self.metrics.errors.items().items()},
+            **self._totals(),
+        }
+
+
+# ------------------------------------------------------------------------------------ entry points
+
+
+def serve(bundle_dir: str | Path, options: ServeOptions | None = None, *, log_level: str = "INFO") -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; SIGHUP reloads the bundle.
+
+    Returns the process exit code (0 after a graceful stop). Must run on the main thread for the
+    signal handlers; elsewhere it serves until the process ends.
+    """
+    configure_json_logging(log_level)
+    daemon = Daemon(bundle_dir, options).start()
+    requests = {"stop": False, "reload": False}
+
+    def on_stop(signum: int, _frame: types.FrameType | None) -> None:
+        requests["stop"] = True
+
+    def on_reload(signum: int, _frame: types.FrameType | None) -> None:
+        requests["reload"] = True
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, on_reload)
+    try:
+        # Handlers only set flags: reloading or stopping inside a signal handler could interrupt
+        # the main thread anywhere, including while it holds a lock.
+        while not requests["stop"]:
+            time.sleep(0.1)
+            if requests["reload"]:
+                requests["reload"] = False
+                daemon.reload()
+    finally:
+        daemon.stop()
+    return 0
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    """`python -m llb_edge.runtime.daemon BUNDLE --option value`: one flag per ServeOptions field."""
+    parser = argparse.ArgumentParser(prog="python -m llb_edge.runtime.daemon", description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--log-level", default="INFO")
+    hints = typing.get_type_hints(ServeOptions)
+    for item in dataclasses.fields(ServeOptions):
+        flag = "--" + item.name.replace("_", "-")
+        kind = hints[item.name]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default)
+            continue
+        base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
+        nullable = type(None) in typing.get_args(kind)
+        converter = _nullable(base) if nullable else base
+        parser.add_argument(flag, type=converter, default=item.default, help=f"default: {item.default}")
+    return parser
+
+
+def _nullable(base: type) -> typing.Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        return None if text.lower() in ("none", "off", "") else base(text)
+
+    return convert
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(_argument_parser().parse_args(argv))
+    bundle = args.pop("bundle")
+    log_level = args.pop("log_level")
+    return serve(bundle, ServeOptions(**args), log_level=log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""From a validated frame message to a model input, and the per-camera keep-newest queues.
+
+The reader thread does the decoding and resizing here, before queueing, so a queued frame is
+already the small crop the model takes (queues hold little memory) and the inference thread does
+nothing but batch, run and post-process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from llb_edge.data.images import ImageReadError, decode_image_bytes
+from llb_edge.data.transforms import Geometry
+from llb_edge.protocol import ErrorCode, FrameHeader, ProtocolError, raw_payload_to_array
+
+DEFAULT_MAX_PIXELS = 64_000_000  # a decoded image bigger than this is refused (JPEG bombs)
+
+
+def raw_to_rgb8(image: np.ndarray) -> np.ndarray:
+    """A raw frame (RGB order; gray, RGB or RGBA; uint8 or uint16) as uint8 HxWx3 RGB.
+
+    uint16 uses the same fixed full-range scaling as llb_edge.data.images, so a 16-bit camera on
+    the line sees the mapping the model was trained with.
+    """
+    if image.dtype == np.uint16:
+        image = ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return np.ascontiguousarray(image[:, :, :3])
+    return image
+
+
+def decode_frame_image(header: FrameHeader, payload: memoryview, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The frame's pixels as uint8 HxWx3 RGB; ProtocolError(DECODE_FAILED | TOO_LARGE) if not."""
+
+    def fail(code: ErrorCode, message: str) -> ProtocolError:
+        return ProtocolError(code, message, camera_id=header.camera_id, frame_id=header.frame_id)
+
+    if header.encoding == "raw":
+        assert header.shape is not None  # decode_frame guarantees it for raw
+        if header.shape[0] * header.shape[1] > max_pixels:
+            raise fail(ErrorCode.TOO_LARGE, f"{header.shape[0]}x{header.shape[1]} is over {max_pixels} pixels")
+        return raw_to_rgb8(raw_payload_to_array(header, payload))
+    try:
+        image = decode_image_bytes(payload, name=f"{header.encoding} frame {header.camera_id}/{header.frame_id}")
+    except ImageReadError as err:
+        raise fail(ErrorCode.DECODE_FAILED, err.reason) from err
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise fail(ErrorCode.TOO_LARGE, f"decoded {image.shape[0]}x{image.shape[1]} is over {max_pixels} pixels")
+    return image
+
+
+@dataclass
+class Frame:
+    """A decoded frame waiting for inference."""
+
+    header: FrameHeader
+    image: np.ndarray  # original uint8 RGB; kept so a reload to another input size can redo the crop
+    model_input: np.ndarray  # uint8 crop x crop x 3 for ``geometry``
+    geometry: Geometry
+    received: float  # perf_counter when the message arrived
+    decode_s: float  # parse + decode + resize/crop
+    enqueued: float = 0.0
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+    def input_for(self, geometry: Geometry) -> np.ndarray:
+        if geometry != self.geometry:
+            self.model_input = geometry.to_model_input(self.image)
+            self.geometry = geometry
+        return self.model_input
+
+
+class FrameQueues:
+    """Per-camera bounded FIFO queues with a keep-newest policy, and batch assembly.
+
+    When a camera's queue is full the oldest frame is evicted and returned to the caller (which
+    answers it with a DROPPED result): on a live line the newest frame is the one worth inspecting,
+    and waiting for old ones only adds latency. Memory stays bounded by
+    ``capacity * max_cameras`` frames.
+    """
+
+    def __init__(self, capacity: int, max_cameras: int) -> None:
+        if capacity < 1 or max_cameras < 1:
+            raise ValueError("queue capacity and max_cameras must be >= 1")
+        self.capacity = capacity
+        self.max_cameras = max_cameras
+        self._queues: dict[str, deque[Frame]] = {}
+        self._order: list[str] = []  # round-robin order so one busy camera cannot starve the others
+        self._next = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self.peak_depth = 0  # the largest single-camera depth ever seen (a test of the bound)
+
+    def put(self, frame: Frame) -> Frame | None:
+        """Queue ``frame``; returns the evicted oldest frame when the camera's queue was full."""
+        camera = frame.header.camera_id
+        with self._cond:
+            queue = self._queues.get(camera)
+            if queue is None:
+                if len(self._queues) >= self.max_cameras:
+                    raise ProtocolError(
+                        ErrorCode.TOO_MANY_CAMERAS,
+                        f"already serving {self.max_cameras} cameras",
+                        camera_id=camera,
+                        frame_id=frame.header.frame_id,
+                    )
+                queue = self._queues[camera] = deque()
+                self._order.append(camera)
+            evicted = queue.popleft() if len(queue) >= self.capacity else None
+            frame.enqueued = time.perf_counter()
+            queue.append(frame)
+            self.peak_depth = max(self.peak_depth, len(queue))
+            self._cond.notify()
+        return evicted
+
+    def depths(self) -> dict[str, int]:
+        with self._cond:
+            return {camera: len(queue) for camera, queue in self._queues.items()}
+
+    def total(self) -> int:
+        with self._cond:
+            return self._total_locked()
+
+    def _total_locked(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    def close(self) -> None:
+        """Stop waiting for more frames: take_batch returns what is queued without delay."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def take_batch(self, max_batch: int, max_wait_s: float, idle_timeout_s: float = 0.1) -> list[Frame]:
+        """Up to ``max_batch`` frames, round-robin across cameras.
+
+        Waits up to ``idle_timeout_s`` for a first frame (so the caller can check for shutdown),
+        then up to ``max_wait_s`` after the oldest queued frame arrived for the batch to fill: the
+        dynamic-batching trade of a little latency for throughput.
+        """
+        with self._cond:
+            if self._total_locked() == 0 and not self._closed:
+                self._cond.wait(idle_timeout_s)
+            if self._total_locked() == 0:
+                return []
+            oldest = min(queue[0].enqueued for queue in self._queues.values() if queue)
+            deadline = oldest + max_wait_s
+            while not self._closed and self._total_locked() < max_batch:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._pop_round_robin(max_batch)
+
+    def _pop_round_robin(self, max_batch: int) -> list[Frame]:
+        batch: list[Frame] = []
+        cameras = len(self._order)
+        idle_in_a_row = 0
+        while len(batch) < max_batch and idle_in_a_row < cameras:
+            queue = self._queues[self._order[self._next % cameras]]
+            self._next = (self._next + 1) % cameras
+            if queue:
+                batch.append(queue.popleft())
+                idle_in_a_row = 0
+            else:
+                idle_in_a_row += 1
+        return batch
