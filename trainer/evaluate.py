@@ -8,7 +8,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from llb_edge.trainer.features import EncodedImages
 from tqdm import tqdm
 
 from llb_edge.config import EvalConfig
@@ -17,6 +16,7 @@ from llb_edge.data.samples import Sample
 from llb_edge.data.transforms import Geometry
 from llb_edge.metrics import PixelMetrics, image_metrics
 from llb_edge.models.dinomaly import AnomalyScorer, Dinomaly, InspectionModel
+from llb_edge.trainer.features import EncodedImages
 
 
 @torch.no_grad()

@@ -31,9 +31,12 @@ class StableAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @staticmethod
-    def update_rms(grad: torch.Tensor, v_hat: torch.Tensor, eps: float) -> float:
-        """RMS of grad / sqrt(v_hat): 1 when the gradient matches its running scale."""
-        return torch.sqrt(torch.mean(grad.pow(2) / torch.clamp(v_hat, min=eps * eps))).item()
+    def update_rms(grad: torch.Tensor, v_hat: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMS of grad / sqrt(v_hat): 1 when the gradient matches its running scale.
+
+        Kept as a tensor: calling .item() per parameter would synchronise the GPU every step.
+        """
+        return torch.sqrt(torch.mean(grad.pow(2) / torch.clamp(v_hat, min=eps * eps)))
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # noqa: ARG002 - torch's signature
@@ -45,6 +48,7 @@ class StableAdamW(torch.optim.Optimizer):
                 grad = param.grad.float()
                 state = self.state[param]
                 if not state:
+                    # The step count stays on the CPU so reading it never waits for the GPU.
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
@@ -61,10 +65,9 @@ class StableAdamW(torch.optim.Optimizer):
                 bias1 = 1 - beta1**step
                 v_hat = second / (1 - beta2**step)
                 rms = self.update_rms(grad, v_hat, group["eps"])
-                lr = group["lr"] / max(1.0, rms / group["clip_threshold"])
+                lr = group["lr"] / torch.clamp(rms / group["clip_threshold"], min=1.0)
                 param.mul_(1 - lr * group["weight_decay"])
-                denom = v_hat.sqrt().add_(group["eps"])
-                param.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+                param.sub_(state["exp_avg"] / (v_hat.sqrt() + group["eps"]) * (lr / bias1))
 
 
 def learning_rate(iteration: int, total: int, base: float, final: float, warmup: int) -> float:

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from llb_edge.trainer.evaluate import evaluate, score_encoded
-from llb_edge.trainer.features import EncodedImages, load_model_inputs
-from llb_edge.trainer.train import train_dinomaly
 from safetensors.torch import save_file
 
 from llb_edge import runs
 from llb_edge.config import RunConfig, write_config
 from llb_edge.data.images import validate_split
-from llb_edge.data.readers import load_dataset
+from llb_edge.data.readers import load_contaminated, load_dataset
 from llb_edge.data.samples import DatasetSplit, save_sample_list
 from llb_edge.data.transforms import Geometry
 from llb_edge.models.dinomaly import AnomalyScorer, Dinomaly, InspectionModel, create_dinomaly
+from llb_edge.trainer.evaluate import evaluate, score_encoded
+from llb_edge.trainer.features import EncodedImages, load_model_inputs
+from llb_edge.trainer.train import train_dinomaly
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,28 @@ def score_stats(scores: np.ndarray) -> dict[str, float]:
     return {"count": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std()), **quantiles}
 
 
+def load_split(cfg: RunConfig) -> DatasetSplit:
+    """The run's train/test split, files checked up front, contamination applied when configured."""
+    data = cfg.data
+    split = load_contaminated(data, data.contamination, data.split_seed) if data.contamination else load_dataset(data)
+    return validate_split(split, data.on_bad_file)
+
+
 def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = True) -> Path:
     """Train a run (resumable) and evaluate it on the test split; returns the run directory."""
-    run_dir = prepare_run_dir(cfg, resume)
+    from llb_edge.trainer.llb import is_primary_rank, rank_and_world
+
+    # Under torchrun, stage-1 sub-models are spread over ranks; rank 0 owns the run directory,
+    # merges the scores and trains the final model.
+    rank, world = rank_and_world()
+    run_dir = prepare_run_dir(cfg, resume) if is_primary_rank() else cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
     device = runs.resolve_device(cfg.train.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
     geometry = Geometry(cfg.data.resize, cfg.data.crop)
-    split: DatasetSplit = validate_split(load_dataset(cfg.data), cfg.data.on_bad_file)
+    split = load_split(cfg)
     log.info("dataset %s", split.summary())
 
     torch.manual_seed(cfg.train.seed)
@@ -60,7 +77,7 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
     model.to(device)
     images = load_model_inputs(split.train, geometry, desc="loading training images")
     t0 = time.perf_counter()
-    features = EncodedImages(model, images, device, cached=cfg.train.cache_features, batch_size=cfg.train.batch_size)
+    features = EncodedImages.from_config(model, images, device, cfg.train, spill_dir=run_dir)
     encode_seconds = time.perf_counter() - t0
 
     stages = {s.strip() for s in cfg.llb.stages.split(",")}
@@ -70,6 +87,8 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
         from llb_edge.trainer.llb import run_stage1
 
         kept, screening = run_stage1(cfg, model.encoder, features, split.train, run_dir, resume, make_scorer(cfg))
+        if not is_primary_rank():
+            return run_dir
     train_samples = [split.train[i] for i in kept]
     save_sample_list(train_samples, run_dir / runs.TRAIN_LIST)
 
@@ -114,7 +133,7 @@ def run_evaluation(run_dir: Path, device: str = "auto", weights: str | None = No
     """`llb-edge eval`: re-evaluate a finished run on its test split."""
     target = runs.resolve_device(device)
     inspection, cfg, _ = runs.load_inspection_model(run_dir, str(target), weights)
-    split = validate_split(load_dataset(cfg.data), cfg.data.on_bad_file)
+    split = load_split(cfg)
     metrics = evaluate(inspection, split.test, Geometry(cfg.data.resize, cfg.data.crop), cfg.eval, target, run_dir)
     runs.write_json(run_dir / runs.METRICS, metrics)
     return metrics

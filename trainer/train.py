@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from llb_edge.trainer.features import EncodedImages
-from llb_edge.trainer.loss import global_cosine_hm_loss, hard_mining_fraction
-from llb_edge.trainer.optim import StableAdamW, learning_rate
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from llb_edge.config import TrainConfig
 from llb_edge.models.dinomaly import Dinomaly
+from llb_edge.trainer.features import EncodedImages
+from llb_edge.trainer.loss import global_cosine_hm_loss, hard_mining_fraction
+from llb_edge.trainer.optim import StableAdamW, learning_rate
 
 
 def batch_indices(iteration: int, count: int, batch_size: int, seed: int) -> np.ndarray:
@@ -73,7 +73,7 @@ def load_checkpoint(path: Path, model: Dinomaly, optimizer: StableAdamW, device:
     for key, value in tensors.items():
         if key.startswith("optim/"):
             _, index, name = key.split("/", 2)
-            optimizer.state[params[int(index)]][name] = value.to(device)
+            optimizer.state[params[int(index)]][name] = value if name == "step" else value.to(device)
     torch.set_rng_state(tensors["rng/torch"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])

@@ -14,12 +14,13 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from llb_edge.config import DataConfig
-from llb_edge.data.samples import ANOMALOUS, NORMAL, DatasetSplit, Sample
+from llb_edge.data.samples import ANOMALOUS, NORMAL, DatasetSplit, Sample, contaminate
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MTD_DEFECTS = ("Blowhole", "Break", "Crack", "Fray", "Uneven")
@@ -391,4 +392,25 @@ def load_dataset(cfg: DataConfig) -> DatasetSplit:
             train=cap_samples(split.train, cfg.max_train, cfg.split_seed),
             test=cap_samples(split.test, cfg.max_test, cfg.split_seed + 1),
         )
+    return split
+
+
+def realiad_split_dir(alpha: float) -> str:
+    """The official FUIAD split folder for one contamination level, e.g. realiad_jsons_fuiad_0.1."""
+    return f"realiad_jsons_fuiad_{alpha:.1f}"
+
+
+def load_contaminated(data: DataConfig, alpha: float, seed: int) -> DatasetSplit:
+    """The contaminated train/test split for ``alpha`` (no decoding: paths and labels only).
+
+    The test cap (``data.max_test``) is applied after contaminating, so that the defective images
+    moved into train are drawn from the whole test set, as the protocol defines them.
+    ``data.contamination`` is ignored: ``alpha`` is given. Real-IAD uses its official FUIAD split
+    for ``alpha`` instead of moving images.
+    """
+    if data.dataset == "realiad":
+        return load_dataset(replace(data, split_dir=realiad_split_dir(alpha)))
+    split = contaminate(load_dataset(replace(data, max_test=0)), alpha, seed)
+    if data.max_test:
+        split = DatasetSplit(split.name, split.train, cap_samples(split.test, data.max_test, data.split_seed + 1))
     return split

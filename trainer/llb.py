@@ -1,0 +1,486 @@
+"""LLB stage 1: contamination-resistant screening of the training set (method.md section 2).
+
+1. Shuffle the N training positions (seeded by ``llb.seed``) and cut them into k disjoint subsets
+   that together cover every image.
+2. Fit a fresh sub-model on each subset (seed derived from ``llb.seed`` and the subset index).
+3. Every sub-model scores EVERY training image, its own subset included.
+4. Consensus score = plain mean of the k raw scores (no per-model normalisation).
+5. Keep the floor(N * keep) lowest consensus scores: D_pure.
+
+Everything is keyed by image path: each sub-model's scores are written as ``{path: score}``, the
+score table is a dict path -> k scores, the selection sorts paths, and positions into the sample
+list are looked up from the selected paths at the very end. There is no second index space in
+which a permutation could be applied twice (the bug of the released reference code).
+
+Artifacts under ``<run>/stage1/``::
+
+    subsets.json              the subsets, as lists of paths (checked again on resume)
+    submodel_<j>/scores.json  sub-model j's score for every training image (written last: its
+                              presence marks the sub-model as finished)
+    submodel_<j>/model.safetensors | bank.safetensors   its weights (Dinomaly) or bank (knn)
+    submodel_<j>/checkpoint.safetensors, train_log.jsonl   while a Dinomaly sub-model trains
+    scores.csv                per image: path, label, subset, score per sub-model, mean, rank, kept
+    purified.jsonl            D_pure as a sample list
+    summary.json              what run_stage1 returns (also stored in metadata.json by the pipeline)
+    report.html + *.png       the screening report; removed/ holds the image + map panels
+
+An interrupted run resumes at the sub-model where it stopped: finished sub-models are read back
+from their scores.json, the one in progress continues from its own training checkpoint.
+
+Multi-GPU: under torchrun (RANK / WORLD_SIZE set), rank r fits the sub-models j with
+j % WORLD_SIZE == r and all ranks then read every sub-model's scores.json from the shared run
+directory (waiting for the others' files). Rank 0 alone writes the table and the report; every rank
+returns the same selection. This path is written against torchrun's documented environment and
+is not exercised by the tests; one process (CPU or one GPU) never needs torchrun.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from llb_edge.config import RunConfig
+from llb_edge.data.images import read_image_rgb, read_mask
+from llb_edge.data.samples import ANOMALOUS, UNKNOWN, Sample, save_sample_list
+from llb_edge.data.transforms import Geometry
+from llb_edge.models.dinomaly import AnomalyScorer, DinoEncoder
+from llb_edge.runs import RunError, read_json, write_json
+from llb_edge.trainer.evaluate import overlay
+from llb_edge.trainer.features import EncodedImages
+from llb_edge.trainer.submodels import (
+    Stage1Context,
+    SubModel,
+    concurrent_workers,
+    create_submodel,
+    run_on_streams,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE1 = "stage1"
+SUBSETS = "subsets.json"
+SCORES = "scores.json"
+TABLE = "scores.csv"
+PURIFIED = "purified.jsonl"
+SUMMARY = "summary.json"
+REPORT = "report.html"
+REPORT_REMOVED = 8  # removed images shown with their anomaly maps
+RANK_WAIT_SECONDS = 6 * 3600  # torchrun: how long a rank waits for another rank's sub-model scores
+
+
+# ------------------------------------------------------------------------------- the method itself
+
+
+def subset_positions(n: int, k: int, seed: int) -> list[np.ndarray]:
+    """k disjoint subsets of range(n) covering it, sizes differing by at most one (seeded)."""
+    if k > n:
+        raise ValueError(f"llb.k = {k} subsets need at least {k} training images; got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(order, k)]
+
+
+def submodel_seed(seed: int, index: int) -> int:
+    """Sub-model j's seed: a function of (llb.seed, j) only, independent across j."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def keep_count(n: int, keep: float) -> int:
+    """floor(N * keep), at least 1. The epsilon keeps e.g. 100 * 0.29 (28.999999999999996) at 29."""
+    return max(1, math.floor(n * keep + 1e-9))
+
+
+def select_lowest(consensus: dict[str, float], count: int) -> list[str]:
+    """The ``count`` paths with the lowest consensus score, lowest first; ties broken by path."""
+    return sorted(consensus, key=lambda path: (consensus[path], path))[:count]
+
+
+@dataclass
+class ScreeningTable:
+    """Every sub-model's raw score for every training image, keyed by path."""
+
+    paths: list[str]  # training-sample order
+    subset: dict[str, int]  # path -> the subset (and sub-model) it was fitted in
+    scores: dict[str, list[float]]  # path -> [score of sub-model 0, ..., score of sub-model k-1]
+
+    def consensus(self) -> dict[str, float]:
+        return {path: float(np.mean(values)) for path, values in self.scores.items()}
+
+    def single(self, index: int) -> dict[str, float]:
+        """One sub-model's scores alone (the paper's Figure 4 compares them with the consensus)."""
+        return {path: values[index] for path, values in self.scores.items()}
+
+
+@dataclass
+class Stage1Result:
+    table: ScreeningTable
+    consensus: dict[str, float]
+    kept: list[str]  # D_pure, lowest consensus first
+    kept_positions: np.ndarray  # the same images as positions into the sample list, ascending
+    summary: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------ running sub-models
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (torchrun's environment; 0, 1 otherwise)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_primary_rank() -> bool:
+    """False on torchrun ranks > 0, which only fit sub-models: the pipeline should stop them after stage 1."""
+    return rank_and_world()[0] == 0
+
+
+def submodel_dir(stage_dir: Path, index: int) -> Path:
+    return stage_dir / f"submodel_{index}"
+
+
+def record_subsets(path: Path, subsets: list[np.ndarray], paths: list[str], resume: bool) -> None:
+    """Write the subsets as path lists; on resume, refuse to continue with different ones."""
+    listed = [[paths[p] for p in part] for part in subsets]
+    if resume and path.is_file():
+        if read_json(path)["subsets"] != listed:
+            raise RunError(
+                f"{path} holds other subsets than this run would build: the training set, llb.k or "
+                "llb.seed changed since the interrupted run; start a new run instead of --resume"
+            )
+        return
+    write_json(path, {"subsets": listed})
+
+
+def read_finished(stage_dir: Path, index: int, paths: list[str], kind: str) -> dict[str, float] | None:
+    """Sub-model ``index``'s scores if it finished (scores.json is written last), else None."""
+    path = submodel_dir(stage_dir, index) / SCORES
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    if record["kind"] != kind:
+        raise RunError(f"{path} was written by a {record['kind']} sub-model, this run uses {kind}")
+    if set(record["scores"]) != set(paths):
+        raise RunError(f"{path} does not score exactly this run's training images; start a new run")
+    return {p: float(v) for p, v in record["scores"].items()}
+
+
+def fit_and_score(sub: SubModel, positions: np.ndarray, paths: list[str], resume: bool) -> None:
+    """Fit one sub-model on its subset, score every training image, persist weights then scores."""
+    fit = sub.fit(positions, resume)
+    t0 = time.perf_counter()
+    scores = sub.score(np.arange(len(paths)))
+    score_seconds = time.perf_counter() - t0
+    sub.directory.mkdir(parents=True, exist_ok=True)
+    sub.save()
+    write_json(sub.directory / SCORES, {
+        "submodel": sub.index, "kind": sub.kind, "seed": sub.seed, "subset_size": int(len(positions)),
+        "fit": fit, "score_seconds": score_seconds,
+        "scores": {path: float(value) for path, value in zip(paths, scores, strict=True)},
+    })
+
+
+def wait_for_scores(stage_dir: Path, index: int, paths: list[str], kind: str) -> dict[str, float]:
+    """Another rank's sub-model: poll for its scores.json (torchrun only)."""
+    deadline = time.monotonic() + RANK_WAIT_SECONDS
+    while (scores := read_finished(stage_dir, index, paths, kind)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sub-model {index} did not finish within {RANK_WAIT_SECONDS} s on its rank")
+        time.sleep(5)
+    return scores
+
+
+# ------------------------------------------------------------------------------------- the stage
+
+
+def screen(
+    cfg: RunConfig,
+    encoder: DinoEncoder,
+    features: EncodedImages,
+    samples: list[Sample],
+    stage_dir: Path,
+    resume: bool,
+    scorer: AnomalyScorer,
+) -> Stage1Result:
+    """Stage 1 on ``samples`` (whose features ``features`` holds, in the same order)."""
+    t0 = time.perf_counter()
+    llb = cfg.llb
+    paths = [s.path for s in samples]
+    if len(set(paths)) != len(paths):
+        raise ValueError("the training set lists an image path twice; stage 1 keys every score by path")
+    if len(features) != len(samples):
+        raise ValueError(f"features hold {len(features)} images but {len(samples)} samples were given")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    subsets = subset_positions(len(paths), llb.k, llb.seed)
+    record_subsets(stage_dir / SUBSETS, subsets, paths, resume)
+    ctx = Stage1Context(cfg, encoder, features, scorer.to(features.device))
+    rank, world = rank_and_world()
+    seeds = [submodel_seed(llb.seed, j) for j in range(llb.k)]
+
+    def build(j: int) -> SubModel:
+        return create_submodel(ctx, j, seeds[j], submodel_dir(stage_dir, j))
+
+    # Stage 1 reseeds per sub-model; fork_rng keeps those draws from leaking into what the caller
+    # does next (the stage-2 model's init then does not depend on whether stage 1 ran or resumed).
+    cuda = [features.device] if features.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        mine = [j for j in range(llb.k) if j % world == rank]
+        pending = [j for j in mine if not resume or read_finished(stage_dir, j, paths, llb.submodel) is None]
+        if mine != pending:
+            log.info("stage 1: reusing finished sub-models %s", [j for j in mine if j not in pending])
+        workers = concurrent_workers(ctx, len(pending))
+        if workers > 1:
+            # Seeded init uses the global RNG, so every sub-model is built here, before any thread.
+            built = {j: build(j) for j in pending}
+            jobs = [lambda j=j: fit_and_score(built[j], subsets[j], paths, resume) for j in pending]
+            run_on_streams(jobs, workers, features.device)
+        else:
+            for j in pending:
+                fit_and_score(build(j), subsets[j], paths, resume)
+
+        per_model = [
+            read_finished(stage_dir, j, paths, llb.submodel) if j in mine
+            else wait_for_scores(stage_dir, j, paths, llb.submodel)
+            for j in range(llb.k)
+        ]
+        table = ScreeningTable(
+            paths=paths,
+            subset={paths[p]: j for j, part in enumerate(subsets) for p in part},
+            scores={path: [scores[path] for scores in per_model] for path in paths},
+        )
+        consensus = table.consensus()
+        kept = select_lowest(consensus, keep_count(len(paths), llb.keep))
+        kept_set = set(kept)
+        kept_positions = np.asarray([i for i, path in enumerate(paths) if path in kept_set], dtype=np.int64)
+        summary = summarise(cfg, samples, table, consensus, kept, stage_dir)
+        result = Stage1Result(table, consensus, kept, kept_positions, summary)
+        if rank == 0:
+            write_table(stage_dir / TABLE, samples, table, consensus, kept)
+            save_sample_list([samples[i] for i in kept_positions], stage_dir / PURIFIED)
+            write_report(stage_dir, ctx, samples, result, seeds)
+        summary["seconds"] = time.perf_counter() - t0
+        if rank == 0:
+            write_json(stage_dir / SUMMARY, summary)
+    log.info("stage 1: kept %d of %d images (threshold %.5f)", len(kept), len(paths), summary["threshold"])
+    return result
+
+
+def run_stage1(
+    cfg: RunConfig,
+    encoder: DinoEncoder,
+    features: EncodedImages,
+    samples: list[Sample],
+    run_dir: Path,
+    resume: bool,
+    scorer: AnomalyScorer,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The pipeline's entry point: positions of D_pure in ``samples`` (ascending) and a summary."""
+    result = screen(cfg, encoder, features, samples, Path(run_dir) / STAGE1, resume, scorer)
+    return result.kept_positions, result.summary
+
+
+# ------------------------------------------------------------------------------------- artifacts
+
+
+def labels_known(samples: list[Sample]) -> bool:
+    return bool(samples) and all(s.label != UNKNOWN for s in samples)
+
+
+def summarise(
+    cfg: RunConfig, samples: list[Sample], table: ScreeningTable, consensus: dict[str, float], kept: list[str],
+    stage_dir: Path,
+) -> dict[str, Any]:
+    llb = cfg.llb
+    kept_set = set(kept)
+    per_model = [read_json(submodel_dir(stage_dir, j) / SCORES) for j in range(llb.k)]
+    summary: dict[str, Any] = {
+        "submodel": llb.submodel,
+        "k": llb.k,
+        "keep": llb.keep,
+        "seed": llb.seed,
+        "submodel_iterations": llb.submodel_iterations if llb.submodel == "dinomaly" else 0,
+        "images": len(table.paths),
+        "kept": len(kept),
+        "removed": len(table.paths) - len(kept),
+        # The highest kept consensus score: every image at or below it (ties aside) is in D_pure.
+        "threshold": consensus[kept[-1]],
+        "subset_sizes": [int(sum(1 for s in table.subset.values() if s == j)) for j in range(llb.k)],
+        "submodel_fit_seconds": [float(r["fit"].get("seconds", 0.0)) for r in per_model],
+        "submodel_score_seconds": [float(r["score_seconds"]) for r in per_model],
+        "labels_known": labels_known(samples),
+        "table": f"{STAGE1}/{TABLE}",
+        "purified_list": f"{STAGE1}/{PURIFIED}",
+        "report": f"{STAGE1}/{REPORT}",
+    }
+    if summary["labels_known"]:
+        anomalous = {s.path for s in samples if s.label == ANOMALOUS}
+        after = len(anomalous & kept_set)
+        summary.update({
+            "anomalies_before": len(anomalous),
+            "anomaly_fraction_before": len(anomalous) / len(samples),
+            "anomalies_after": after,
+            "anomaly_fraction_after": after / len(kept),
+        })
+    return summary
+
+
+def write_table(
+    path: Path, samples: list[Sample], table: ScreeningTable, consensus: dict[str, float], kept: list[str]
+) -> None:
+    """The per-image table, lowest consensus first: enough to recompute the selection by hand."""
+    k = len(next(iter(table.scores.values())))
+    by_path = {s.path: s for s in samples}
+    kept_set = set(kept)
+    ranked = sorted(consensus, key=lambda p: (consensus[p], p))
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["rank", "path", "label", "defect_type", "subset",
+                         *[f"score_{j}" for j in range(k)], "mean", "status"])
+        for rank, p in enumerate(ranked):
+            sample = by_path[p]
+            writer.writerow([rank, p, "" if sample.label == UNKNOWN else sample.label, sample.defect_type,
+                             table.subset[p], *[repr(v) for v in table.scores[p]], repr(consensus[p]),
+                             "kept" if p in kept_set else "removed"])
+
+
+def plot_histogram(path: Path, samples: list[Sample], consensus: dict[str, float], threshold: float) -> None:
+    fig = Figure(figsize=(7, 3.6), dpi=110)
+    ax = fig.add_subplot()
+    values = np.asarray([consensus[s.path] for s in samples])
+    bins = np.histogram_bin_edges(values, bins=min(60, max(10, len(values) // 4)))
+    if labels_known(samples):
+        labels = np.asarray([s.label for s in samples])
+        ax.hist([values[labels == 0], values[labels == 1]], bins=bins, stacked=True,
+                label=["normal", "anomalous"], color=["tab:blue", "tab:red"])
+    else:
+        ax.hist(values, bins=bins, color="tab:blue", label="images")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"cut {threshold:.4g} (kept: at or below)")
+    ax.legend(fontsize=8)
+    ax.set_xlabel("consensus score (mean of the sub-models' raw scores)")
+    ax.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_subset_counts(path: Path, table: ScreeningTable, kept: set[str], k: int) -> None:
+    kept_counts = np.zeros(k, int)
+    removed_counts = np.zeros(k, int)
+    for p, j in table.subset.items():
+        if p in kept:
+            kept_counts[j] += 1
+        else:
+            removed_counts[j] += 1
+    fig = Figure(figsize=(max(4, 1.1 * k + 2), 3.2), dpi=110)
+    ax = fig.add_subplot()
+    x = np.arange(k)
+    ax.bar(x, kept_counts, label="kept", color="tab:green")
+    ax.bar(x, removed_counts, bottom=kept_counts, label="removed", color="tab:gray")
+    ax.set_xticks(x, [f"subset {j}" for j in x])
+    ax.set_ylabel("images")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def removed_panels(
+    stage_dir: Path, ctx: Stage1Context, samples: list[Sample], result: Stage1Result, seeds: list[int]
+) -> list[tuple[str, Sample, float]]:
+    """PNG panels (image | consensus map over it) of the highest-scored removed images."""
+    kept = set(result.kept)
+    removed = [p for p in sorted(result.consensus, key=lambda p: -result.consensus[p]) if p not in kept]
+    chosen = removed[:REPORT_REMOVED]
+    if not chosen:
+        return []
+    position = {s.path: i for i, s in enumerate(samples)}
+    positions = np.asarray([position[p] for p in chosen])
+    # The consensus map: the mean of the k sub-models' maps, as the score is the mean of theirs.
+    maps = None
+    for j, seed in enumerate(seeds):
+        sub = create_submodel(ctx, j, seed, submodel_dir(stage_dir, j))
+        sub.load()
+        one = sub.anomaly_maps(positions)
+        maps = one if maps is None else maps + one
+        del sub
+    maps = maps / len(seeds)
+    geometry = Geometry(ctx.cfg.data.resize, ctx.cfg.data.crop)
+    out_dir = stage_dir / "removed"
+    out_dir.mkdir(exist_ok=True)
+    vmax = float(maps.max())
+    panels = []
+    for rank, (p, anomaly_map) in enumerate(zip(chosen, maps, strict=True)):
+        sample = samples[position[p]]
+        mask = None
+        if sample.mask_path:
+            rgb = read_image_rgb(sample.path)
+            mask = geometry.mask_to_model(read_mask(sample.mask_path, *rgb.shape[:2]))
+        name = f"removed/{rank:02d}.png"
+        cv2.imwrite(str(stage_dir / name), overlay(ctx.features.images[position[p]], anomaly_map, mask, vmax))
+        panels.append((name, sample, result.consensus[p]))
+    return panels
+
+
+def write_report(
+    stage_dir: Path, ctx: Stage1Context, samples: list[Sample], result: Stage1Result, seeds: list[int]
+) -> None:
+    """report.html with its PNGs: summary, score histogram with the cut, per-subset counts, removed images."""
+    s = result.summary
+    plot_histogram(stage_dir / "score_histogram.png", samples, result.consensus, s["threshold"])
+    plot_subset_counts(stage_dir / "subset_counts.png", result.table, set(result.kept), ctx.cfg.llb.k)
+    panels = removed_panels(stage_dir, ctx, samples, result, seeds)
+
+    rows = [
+        ("sub-model", s["submodel"] + (f", {s['submodel_iterations']} iterations" if s["submodel_iterations"] else "")),
+        ("subsets k", f"{s['k']} (sizes {', '.join(map(str, s['subset_sizes']))})"),
+        ("keep fraction t", f"{s['keep']:g}: floor({s['images']} x {s['keep']:g}) = {s['kept']} kept"),
+        ("removed", str(s["removed"])),
+        ("cut (highest kept consensus score)", f"{s['threshold']:.6g}"),
+        ("sub-model fit time (s)", ", ".join(f"{t:.1f}" for t in s["submodel_fit_seconds"])),
+    ]
+    if s["labels_known"]:
+        rows += [
+            ("anomaly fraction before screening",
+             f"{s['anomaly_fraction_before']:.2%} ({s['anomalies_before']} of {s['images']})"),
+            ("anomaly fraction after screening (D_pure)",
+             f"{s['anomaly_fraction_after']:.2%} ({s['anomalies_after']} of {s['kept']})"),
+        ]
+    else:
+        rows.append(("anomaly fraction", "unknown: the training images are unlabelled"))
+    table_html = "".join(f"<tr><th>{html.escape(a)}</th><td>{html.escape(b)}</td></tr>" for a, b in rows)
+    figures = "".join(
+        f'<figure><img src="{name}" alt="removed image {i}"><figcaption>{html.escape(Path(sample.path).name)}'
+        f"<br>score {score:.5g}{'' if sample.label == UNKNOWN else ', label ' + str(sample.label)}"
+        f"</figcaption></figure>"
+        for i, (name, sample, score) in enumerate(panels)
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>LLB stage 1 screening</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
+table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
+figure {{ display: inline-block; margin: 6px; font-size: 12px; }} figure img {{ height: 160px; }}
+</style></head><body>
+<h1>LLB stage 1: screening report</h1>
+<p>{s['images']} training images were split into {s['k']} disjoint subsets; a sub-model was fitted on each,
+every sub-model scored every training image, and the {s['kept']} images with the lowest mean score form D_pure
+(<a href="{PURIFIED}">{PURIFIED}</a>). Per-image scores: <a href="{TABLE}">{TABLE}</a>.</p>
+<table>{table_html}</table>
+<h2>Consensus scores and the cut</h2>
+<img src="score_histogram.png" alt="score histogram">
+<h2>Kept and removed per subset</h2>
+<img src="subset_counts.png" alt="kept and removed per subset">
+<h2>Highest-scored removed images</h2>
+<p>Left: the model input; right: the consensus anomaly map (mean of the sub-models' maps) over it,
+ground-truth outline in green where a mask is known.</p>
+{figures or "<p>none removed</p>"}
+</body></html>
+"""
+    (stage_dir / REPORT).write_text(page, encoding="utf-8")
