@@ -113,6 +113,183 @@ def evaluate(
     typer.echo(json.dumps(metrics, indent=2))
 
 
+def off_or(value: str) -> str | None:
+    return None if value.lower() in ("off", "none", "") else value
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder (from llb-edge export).")],
+    intake: Annotated[str, typer.Option(help="Endpoint frames arrive on.")] = "tcp://127.0.0.1:5555",
+    intake_mode: Annotated[str, typer.Option(help="pull: cameras PUSH to us; sub: we SUBscribe to cameras.")] = "pull",
+    intake_connect: Annotated[bool, typer.Option(help="Connect to --intake instead of binding it.")] = False,
+    results: Annotated[str, typer.Option(help="PUB endpoint for results and heartbeats.")] = "tcp://127.0.0.1:5556",
+    control: Annotated[str, typer.Option(help="REP endpoint for reload/status/threshold, or 'off'.")] = (
+        "tcp://127.0.0.1:5557"
+    ),
+    health_host: Annotated[str, typer.Option(help="Address of the HTTP /live /ready /metrics server.")] = (
+        "127.0.0.1"
+    ),
+    health_port: Annotated[str, typer.Option(help="Port of the health server; 0 any free; 'off'.")] = "8765",
+    backend: Annotated[str, typer.Option(help="auto | tensorrt | ort-cuda | ort-cpu.")] = "auto",
+    max_batch: Annotated[int, typer.Option(help="Largest batch the dynamic batcher forms.")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="How long the oldest frame may wait for a batch.")] = 2.0,
+    queue_size: Annotated[int, typer.Option(help="Frames queued per camera before keep-newest drops.")] = 4,
+    max_cameras: Annotated[int, typer.Option(help="Distinct camera ids accepted.")] = 64,
+    max_payload_bytes: Annotated[int, typer.Option(help="Larger frame payloads are refused.")] = 64 << 20,
+    max_pixels: Annotated[int, typer.Option(help="Larger decoded frames are refused.")] = 64_000_000,
+    map_payload: Annotated[str, typer.Option(help="Attach anomaly maps: none | uint8 | float16.")] = "none",
+    heartbeat_s: Annotated[float, typer.Option(help="Seconds between heartbeats on the results socket.")] = 1.0,
+    intake_hwm: Annotated[int, typer.Option(help="ZeroMQ high-water mark of the intake socket.")] = 16,
+    results_hwm: Annotated[int, typer.Option(help="ZeroMQ high-water mark of the results socket.")] = 1000,
+    curve_secret: Annotated[Path | None, typer.Option(help="Server .key_secret: enables CURVE.")] = None,
+    curve_allowed: Annotated[Path | None, typer.Option(help="Folder of allowed client .key files.")] = None,
+    ort_threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all).")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING.")] = "INFO",
+) -> None:
+    """Serve a bundle on the line: frames in over ZeroMQ, OK/NG results and anomaly maps out.
+
+    Needs no torch. SIGTERM finishes in-flight frames and exits; SIGHUP (or `llb-edge ctl reload`)
+    hot-reloads the bundle after a self-check. JSON logs go to stderr.
+    """
+    from llb_edge.runtime.daemon import ServeOptions
+    from llb_edge.runtime.daemon import serve as run_daemon
+
+    port = off_or(health_port)
+    options = ServeOptions(
+        intake=intake, intake_mode=intake_mode, intake_connect=intake_connect, results=results,
+        control=off_or(control), health_host=health_host, health_port=None if port is None else int(port),
+        backend=backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
+        max_cameras=max_cameras, max_payload_bytes=max_payload_bytes, max_pixels=max_pixels,
+        map_payload=map_payload, heartbeat_s=heartbeat_s, intake_hwm=intake_hwm, results_hwm=results_hwm,
+        curve_secret=curve_secret, curve_allowed=curve_allowed, ort_threads=ort_threads,
+    )
+    try:
+        options.validate()
+    except ValueError as err:
+        fail(str(err))
+    raise typer.Exit(run_daemon(bundle, options, log_level=log_level))
+
+
+@app.command()
+def replay(
+    path: Annotated[Path, typer.Argument(help="A folder of images or a video file.")],
+    to: Annotated[str, typer.Option("--to", help="The daemon's intake endpoint.")] = "tcp://127.0.0.1:5555",
+    fps: Annotated[float, typer.Option(help="Frames per second; 0 = as fast as the daemon takes them.")] = 10.0,
+    camera: Annotated[str, typer.Option(help="Camera id put in every frame header.")] = "cam0",
+    encoding: Annotated[str, typer.Option(help="raw | jpeg | png.")] = "raw",
+    loop: Annotated[bool, typer.Option(help="Repeat the source.")] = False,
+    count: Annotated[int | None, typer.Option(help="Stop after this many frames.")] = None,
+    curve_secret: Annotated[Path | None, typer.Option(help="This client's .key_secret (CURVE).")] = None,
+    curve_server: Annotated[Path | None, typer.Option(help="The daemon's public .key (CURVE).")] = None,
+) -> None:
+    """Stream a folder of images or a video to a daemon as camera frames (a camera simulator)."""
+    from llb_edge.runtime.replay import replay as run_replay
+
+    try:
+        stats = run_replay(path, to, fps=fps, camera_id=camera, encoding=encoding, loop=loop, count=count,
+                           curve_secret=curve_secret, curve_server_public=curve_server)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    typer.echo(f"sent {stats.sent} frames ({stats.not_sent} not sent) in {stats.seconds:.1f} s, {stats.fps:.1f} fps")
+
+
+@app.command()
+def watch(
+    endpoint: Annotated[str, typer.Argument(help="The daemon's results endpoint.")] = "tcp://127.0.0.1:5556",
+    camera: Annotated[list[str] | None, typer.Option(help="Only these camera ids (repeatable).")] = None,
+    count: Annotated[int | None, typer.Option(help="Stop after this many results.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    heartbeats: Annotated[bool, typer.Option(help="Print heartbeats too.")] = False,
+    curve_secret: Annotated[Path | None, typer.Option(help="This client's .key_secret (CURVE).")] = None,
+    curve_server: Annotated[Path | None, typer.Option(help="The daemon's public .key (CURVE).")] = None,
+) -> None:
+    """Print a daemon's results live, one line per frame."""
+    from llb_edge.runtime.watch import watch as run_watch
+
+    run_watch(endpoint, cameras=camera, count=count, timeout_s=timeout, heartbeats=heartbeats,
+              curve_secret=curve_secret, curve_server_public=curve_server)
+
+
+@app.command()
+def ctl(
+    command: Annotated[str, typer.Argument(help="status | reload | threshold.")],
+    value: Annotated[str | None, typer.Argument(help="reload: a bundle path; threshold: a number.")] = None,
+    endpoint: Annotated[str, typer.Option(help="The daemon's control endpoint.")] = "tcp://127.0.0.1:5557",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 30.0,
+) -> None:
+    """Talk to a running daemon: status, reload [BUNDLE], threshold [VALUE]."""
+    from llb_edge.runtime.control import ControlError, send_control
+
+    args: dict[str, object] = {}
+    if value is not None:
+        args = {"path": value} if command == "reload" else {"value": float(value)}
+    try:
+        reply = send_control(endpoint, command, timeout_s=timeout, **args)
+    except ControlError as err:
+        fail(str(err))
+    typer.echo(json.dumps(reply, indent=2))
+    if not reply.get("ok", True):
+        raise typer.Exit(1)
+
+
+keys_app = typer.Typer(help="CURVE keys for authenticated, encrypted ZeroMQ sockets.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    name: Annotated[str, typer.Option(help="Key name: NAME.key (public) and NAME.key_secret are written.")],
+    dir: Annotated[Path, typer.Option("--dir", help="Folder to write the key pair into.")] = Path("keys"),
+) -> None:
+    """Generate a CURVE key pair (server: keep the secret on the line PC; clients: copy NAME.key to
+    the daemon's allowed folder)."""
+    from llb_edge.runtime.keys import generate_keypair
+
+    pair = generate_keypair(dir, name)
+    typer.echo(f"public: {pair.public}\nsecret: {pair.secret}")
+
+
+bench_app = typer.Typer(help="Benchmarks that produce tables for docs/.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+@bench_app.command("contamination")
+def bench_contamination(
+    data: Annotated[str, typer.Option(help="Dataset root.")],
+    dataset: Annotated[str, typer.Option(help="mtd | mvtec | visa | realiad | folder | elpv.")] = "mtd",
+    category: Annotated[str | None, typer.Option(help="Category for multi-category datasets.")] = None,
+    alphas: Annotated[str, typer.Option(help="Contamination levels, comma-separated.")] = "0,0.1,0.2,0.4",
+    ks: Annotated[str, typer.Option(help="k values for the ablation, comma-separated.")] = "1,3,5,7",
+    variants: Annotated[str, typer.Option(help="none,dinomaly,knn (comma-separated).")] = "none,dinomaly,knn",
+    ablation_alphas: Annotated[str | None, typer.Option(help="Alphas for the k ablation (default: largest).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (resumable).")] = Path("bench_out/contamination"),
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Contamination benchmark: no screening vs LLB (Dinomaly, knn) at several alphas, plus the k ablation."""
+    setup_logging(False)
+    from llb_edge.config import ConfigError, load_config
+
+    settings = [f"data.root={data}", f"data.dataset={dataset}"] + ([f"data.category={category}"] if category else [])
+    try:
+        cfg = load_config(config, settings + list(overrides or []))
+        from llb_edge.trainer.bench_contamination import run_contamination_bench
+
+        table = run_contamination_bench(
+            cfg, alphas=floats(alphas), ks=tuple(int(k) for k in floats(ks)), out_dir=out,
+            variants=tuple(v.strip() for v in variants.split(",")),
+            ablation_alphas=floats(ablation_alphas) if ablation_alphas else None,
+        )
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    typer.echo(table.read_text())
+
+
 def main() -> None:
     app(prog_name="llb-edge")
 

@@ -22,36 +22,21 @@ already arrived on the socket), finish every queued frame, publish, flush, exit.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import logging
 import queue
 import signal
-import sys
 import threading
 import time
 import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
-from llb_edge.runtime.backends import BACKEND_CHOICES, Backend, create_backend, self_check
-from llb_edge.runtime.control import ControlRequest, parse_control_request
-from llb_edge.runtime.frames import DEFAULT_MAX_PIXELS, Frame, FrameQueues, decode_frame_image
-from llb_edge.runtime.health import (
-    BATCH_BUCKETS,
-    LATENCY_BUCKETS,
-    HealthServer,
-    MetricsRegistry,
-)
-from llb_edge.runtime.keys import ClientAllowList, configure_server
-from llb_edge.runtime.logs import RateLimitedLog, configure_json_logging, get_logger, log_event
-from llb_edge.runtime.postprocess import ModelIdentity, error_result, inspection_result, pixel_threshold_of
 
 from llb_edge.bundle import Bundle, load_bundle
 from llb_edge.data.transforms import Geometry
@@ -67,6 +52,18 @@ from llb_edge.protocol import (
     encode_heartbeat,
     encode_result,
 )
+from llb_edge.runtime.backends import BACKEND_CHOICES, Backend, create_backend, self_check
+from llb_edge.runtime.control import ControlRequest, parse_control_request
+from llb_edge.runtime.frames import DEFAULT_MAX_PIXELS, Frame, FrameQueues, decode_frame_image
+from llb_edge.runtime.health import (
+    BATCH_BUCKETS,
+    LATENCY_BUCKETS,
+    HealthServer,
+    MetricsRegistry,
+)
+from llb_edge.runtime.keys import ClientAllowList, configure_server
+from llb_edge.runtime.logs import RateLimitedLog, configure_json_logging, get_logger, log_event
+from llb_edge.runtime.postprocess import ModelIdentity, error_result, inspection_result, pixel_threshold_of
 
 DEFAULT_INTAKE = "tcp://127.0.0.1:5555"
 DEFAULT_RESULTS = "tcp://127.0.0.1:5556"
@@ -766,40 +763,3 @@ def serve(bundle_dir: str | Path, options: ServeOptions | None = None, *, log_le
     finally:
         daemon.stop()
     return 0
-
-
-def _argument_parser() -> argparse.ArgumentParser:
-    """`python -m llb_edge.runtime.daemon BUNDLE --option value`: one flag per ServeOptions field."""
-    parser = argparse.ArgumentParser(prog="python -m llb_edge.runtime.daemon", description=__doc__.splitlines()[0])
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("--log-level", default="INFO")
-    hints = typing.get_type_hints(ServeOptions)
-    for item in dataclasses.fields(ServeOptions):
-        flag = "--" + item.name.replace("_", "-")
-        kind = hints[item.name]
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default)
-            continue
-        base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
-        nullable = type(None) in typing.get_args(kind)
-        converter = _nullable(base) if nullable else base
-        parser.add_argument(flag, type=converter, default=item.default, help=f"default: {item.default}")
-    return parser
-
-
-def _nullable(base: type) -> typing.Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        return None if text.lower() in ("none", "off", "") else base(text)
-
-    return convert
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = vars(_argument_parser().parse_args(argv))
-    bundle = args.pop("bundle")
-    log_level = args.pop("log_level")
-    return serve(bundle, ServeOptions(**args), log_level=log_level)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,8 +29,6 @@ from typing import Any
 import cv2
 import numpy as np
 import zmq
-from llb_edge.runtime.daemon import Daemon, ServeOptions
-from llb_edge.runtime.keys import configure_client
 
 from llb_edge.bundle import (
     BundleManifest,
@@ -49,6 +47,8 @@ from llb_edge.protocol import (
     encode_frame,
     raw_frame_header,
 )
+from llb_edge.runtime.daemon import Daemon, ServeOptions
+from llb_edge.runtime.keys import configure_client
 
 REPO = Path(__file__).resolve().parents[2]
 ANY_PORT = "tcp://127.0.0.1:*"
@@ -308,18 +308,18 @@ def wait_until(condition: Any, timeout_s: float = 10.0, what: str = "condition")
 
 
 class DaemonProcess:
-    """`python -m llb_edge.runtime.daemon` (or a -c program) in a subprocess, its JSON logs parsed."""
+    """`llb-edge serve` in a subprocess (optionally with torch made unimportable), its JSON logs parsed."""
 
     def __init__(self, args: list[str], *, block_torch: bool = False) -> None:
         if block_torch:
             # sys.modules["torch"] = None makes every `import torch` fail, as on a line PC without it.
             program = (
                 "import sys; sys.modules['torch'] = None; "
-                "from llb_edge.runtime.daemon import main; sys.exit(main(sys.argv[1:]))"
+                "from llb_edge.cli import main; sys.argv[0] = 'llb-edge'; sys.exit(main())"
             )
-            command = [sys.executable, "-c", program, *args]
+            command = [sys.executable, "-c", program, "serve", *args]
         else:
-            command = [sys.executable, "-m", "llb_edge.runtime.daemon", *args]
+            command = [sys.executable, "-m", "llb_edge.cli", "serve", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
         self.logs: queue.Queue[dict[str, Any]] = queue.Queue()
