@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llb_edge.errors import LLBEdgeError
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "bundle.json"
 
@@ -30,7 +32,7 @@ SCORE_OUTPUT = "score"  # float32 [B], mean of the top fraction of map pixels
 MAX_OUTPUT = "score_max"  # float32 [B], max of the map
 
 
-class BundleError(RuntimeError):
+class BundleError(LLBEdgeError, RuntimeError):
     """A bundle that cannot be used: missing, wrong schema, or a file that fails its checksum."""
 
 

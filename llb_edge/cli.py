@@ -13,6 +13,12 @@ from typing import Annotated
 
 import typer
 
+from llb_edge.bundle import Bundle
+from llb_edge.errors import LLBEdgeError
+
+# Errors a user can fix: printed as one line, exit code 2. Anything else keeps its traceback.
+USER_ERRORS = (LLBEdgeError, FileNotFoundError, NotADirectoryError)
+
 app = typer.Typer(
     help="LLB-purified Dinomaly anomaly inspection: train on contaminated line data, export, serve to PLCs.",
     no_args_is_help=True,
@@ -68,8 +74,8 @@ def train(
     Writes a run directory (config.json, metadata.json, model.safetensors, metrics.json, overlays/).
     """
     setup_logging(verbose)
-    from llb_edge.config import ConfigError, load_config
-    from llb_edge.runs import RunError, read_run_config
+    from llb_edge.config import load_config
+    from llb_edge.runs import read_run_config
 
     flags = {
         "name": name, "out_dir": out_dir, "data.root": data, "data.dataset": dataset, "data.category": category,
@@ -87,7 +93,7 @@ def train(
         from llb_edge.trainer.pipeline import run_training
 
         run_dir = run_training(cfg, resume=resume, evaluate_after=not no_eval)
-    except (ConfigError, RunError, FileNotFoundError, ValueError) as err:
+    except USER_ERRORS as err:
         fail(str(err))
     typer.echo(f"run directory: {run_dir}")
     metrics_path = run_dir / "metrics.json"
@@ -103,12 +109,11 @@ def evaluate(
 ) -> None:
     """Evaluate a trained run on its test split; writes metrics.json and overlays/ into the run."""
     setup_logging(False)
-    from llb_edge.runs import RunError
     from llb_edge.trainer.pipeline import run_evaluation
 
     try:
         metrics = run_evaluation(run_dir, device, weights)
-    except (RunError, FileNotFoundError, ValueError) as err:
+    except USER_ERRORS as err:
         fail(str(err))
     typer.echo(json.dumps(metrics, indent=2))
 
@@ -189,7 +194,7 @@ def replay(
     try:
         stats = run_replay(path, to, fps=fps, camera_id=camera, encoding=encoding, loop=loop, count=count,
                            curve_secret=curve_secret, curve_server_public=curve_server)
-    except (ValueError, FileNotFoundError) as err:
+    except (*USER_ERRORS, ValueError) as err:
         fail(str(err))
     typer.echo(f"sent {stats.sent} frames ({stats.not_sent} not sent) in {stats.seconds:.1f} s, {stats.fps:.1f} fps")
 
@@ -219,14 +224,14 @@ def ctl(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 30.0,
 ) -> None:
     """Talk to a running daemon: status, reload [BUNDLE], threshold [VALUE]."""
-    from llb_edge.runtime.control import ControlError, send_control
+    from llb_edge.runtime.control import send_control
 
     args: dict[str, object] = {}
     if value is not None:
         args = {"path": value} if command == "reload" else {"value": float(value)}
     try:
         reply = send_control(endpoint, command, timeout_s=timeout, **args)
-    except ControlError as err:
+    except USER_ERRORS as err:
         fail(str(err))
     typer.echo(json.dumps(reply, indent=2))
     if not reply.get("ok", True):
@@ -273,7 +278,7 @@ def bench_contamination(
 ) -> None:
     """Contamination benchmark: no screening vs LLB (Dinomaly, knn) at several alphas, plus the k ablation."""
     setup_logging(False)
-    from llb_edge.config import ConfigError, load_config
+    from llb_edge.config import load_config
 
     settings = [f"data.root={data}", f"data.dataset={dataset}"] + ([f"data.category={category}"] if category else [])
     try:
@@ -285,9 +290,132 @@ def bench_contamination(
             variants=tuple(v.strip() for v in variants.split(",")),
             ablation_alphas=floats(ablation_alphas) if ablation_alphas else None,
         )
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except USER_ERRORS as err:
         fail(str(err))
     typer.echo(table.read_text())
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle folder to create.")],
+    format: Annotated[str, typer.Option("--format", help="onnx | tensorrt | all.")] = "onnx",
+    precision: Annotated[list[str] | None, typer.Option(help="ONNX precisions (repeatable): fp32, fp16.")] = None,
+    model_id: Annotated[str | None, typer.Option(help="Model id (default: the run name).")] = None,
+    model_version: Annotated[str | None, typer.Option(help="Model version (default: a UTC timestamp).")] = None,
+    validation: Annotated[str | None, typer.Option(
+        help="Labelled images for the F1-max threshold: 'test' or a JSONL sample list.")] = None,
+    threshold_method: Annotated[str, typer.Option(help="quantile (no labels) | f1max (needs --validation).")] = (
+        "quantile"
+    ),
+    weights: Annotated[str | None, typer.Option(help="Backbone weights, if not where the run recorded them.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+) -> None:
+    """Export a run's final model to a bundle: ONNX (fp32, fp16) and/or TensorRT, gated on parity.
+
+    The export fails unless ONNX Runtime (and TensorRT, when built) reproduces the PyTorch model on
+    real images within the stated tolerances; the measured figures go into bundle.json.
+    TensorRT engines are built on the machine that runs them (llb-edge bundle build-engine).
+    """
+    setup_logging(False)
+    from llb_edge.exporters.bundle_export import export_bundle
+    from llb_edge.exporters.onnx_export import PRECISIONS
+
+    try:
+        bundle = export_bundle(
+            run_dir, out, formats=format, precisions=tuple(precision or PRECISIONS), model_id=model_id,
+            model_version=model_version, validation=validation, threshold_method=threshold_method,
+            weights=weights, overwrite=overwrite,
+        )
+    except USER_ERRORS as err:
+        fail(str(err))
+    show_bundle(bundle)
+
+
+bundle_app = typer.Typer(help="Inspect and adjust an exported bundle.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+def show_bundle(bundle: Bundle) -> None:
+    m = bundle.manifest
+    typer.echo(f"bundle {bundle.root}: model {m.model_id} version {m.model_version}, encoder {m.encoder}")
+    typer.echo(f"threshold {m.threshold.value:.6g} ({m.threshold.method}; set by {m.threshold.set_by} "
+               f"at {m.threshold.set_at})")
+    for name, spec in m.files.items():
+        parity = spec.parity.get("passed")
+        typer.echo(f"  {name}: {spec.path} [{spec.format} {spec.precision}] parity "
+                   f"{'passed' if parity else 'n/a' if parity is None else 'FAILED'}")
+
+
+@bundle_app.command("show")
+def bundle_show(bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
+    """Verify a bundle's checksums and print its model, threshold and files."""
+    from llb_edge.bundle import load_bundle
+
+    try:
+        show_bundle(load_bundle(bundle_dir))
+    except USER_ERRORS as err:
+        fail(str(err))
+
+
+@bundle_app.command("set-threshold")
+def bundle_set_threshold(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    value: Annotated[float, typer.Argument(help="New decision threshold: score >= value is NG.")],
+    by: Annotated[str | None, typer.Option(help="Who changes it (default: user@host).")] = None,
+) -> None:
+    """Change the OK/NG threshold without re-exporting; the old value stays in the history.
+
+    A running daemon picks it up on reload (llb-edge ctl reload, or SIGHUP).
+    """
+    from llb_edge.bundle import set_threshold
+
+    try:
+        bundle = set_threshold(bundle_dir, value, set_by=by)
+    except USER_ERRORS as err:
+        fail(str(err))
+    t = bundle.manifest.threshold
+    typer.echo(f"threshold of {bundle_dir} is now {t.value:.6g} (was {t.history[-1]['value']:.6g}), "
+               f"set by {t.set_by} at {t.set_at}")
+
+
+@bundle_app.command("build-engine")
+def bundle_build_engine(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder holding the ONNX graphs.")],
+    precision: Annotated[str, typer.Option(help="fp16 | fp32.")] = "fp16",
+    cache_dir: Annotated[Path | None, typer.Option(help="Engine and timing cache folder.")] = None,
+) -> None:
+    """Build a TensorRT engine on this machine from the bundle's ONNX and add it (parity-gated)."""
+    from llb_edge.exporters.bundle_export import add_tensorrt_engine
+
+    try:
+        show_bundle(add_tensorrt_engine(bundle_dir, precision=precision, cache_dir=cache_dir))
+    except USER_ERRORS as err:
+        fail(str(err))
+
+
+@app.command()
+def gateway(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Gateway TOML (see configs/).")] = None,
+    results: Annotated[str | None, typer.Option(help="The daemon's results endpoint.")] = None,
+    camera: Annotated[list[str] | None, typer.Option(help="Camera ids to drive (repeatable; default cam0).")] = None,
+    opcua: Annotated[str | None, typer.Option(help="Serve tags on this OPC UA endpoint.")] = None,
+    modbus_server: Annotated[str | None, typer.Option(help="Serve holding registers at HOST:PORT.")] = None,
+    modbus_client: Annotated[str | None, typer.Option(help="Write holding registers to the PLC at HOST:PORT.")] = None,
+    word_order: Annotated[str | None, typer.Option(help="Modbus float word order: big | little.")] = None,
+    fail_safe_s: Annotated[float | None, typer.Option(help="Silence from the daemon that trips Fault.")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING.")] = "INFO",
+) -> None:
+    """Drive PLC tags (OPC UA, Modbus TCP, S7) from the daemon's results, with heartbeat and fail-safe."""
+    from llb_edge.runtime.gateway import run_gateway
+
+    try:
+        code = run_gateway(config, results, cameras=camera or (), opcua_endpoint=opcua,
+                           modbus_server=modbus_server, modbus_client=modbus_client, word_order=word_order,
+                           fail_safe_s=fail_safe_s, log_level=log_level)
+    except USER_ERRORS as err:
+        fail(str(err))
+    raise typer.Exit(code)
 
 
 def main() -> None:

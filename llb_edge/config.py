@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llb_edge.errors import LLBEdgeError
 
-class ConfigError(ValueError):
+
+class ConfigError(LLBEdgeError, ValueError):
     """A config file or override that does not match the schema."""
 
 

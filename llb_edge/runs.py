@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from llb_edge.bundle import sha256_file
 from llb_edge.config import RunConfig, config_from_dict
+from llb_edge.errors import LLBEdgeError
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +40,7 @@ METRICS = "metrics.json"
 OVERLAYS = "overlays"
 
 
-class RunError(RuntimeError):
+class RunError(LLBEdgeError, RuntimeError):
     """A run directory that is incomplete or does not match what is asked of it."""
 
 
@@ -92,7 +93,13 @@ def load_inspection_model(
     model_path = run_dir / MODEL
     if not model_path.is_file():
         raise RunError(f"{model_path} is missing: the run has not finished training (resume it with --resume)")
-    model, _ = create_dinomaly(cfg.model.encoder, cfg.data.crop, weights, dropout=cfg.model.dropout)
+    import torch
+
+    # The training pipeline seeds before building the model; doing the same rebuilds a random-weight
+    # encoder (tests, timing runs) exactly as it was trained. Real weights are unaffected.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model, _ = create_dinomaly(cfg.model.encoder, cfg.data.crop, weights, dropout=cfg.model.dropout)
     model.load_trainable_state_dict(load_file(str(model_path)))
     scorer = AnomalyScorer(
         cfg.data.crop, cfg.eval.map_size, cfg.eval.gaussian_sigma, cfg.eval.gaussian_kernel, cfg.eval.top_fraction

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from llb_edge.runtime.logs import get_logger, log_event
 
 from llb_edge.bundle import INPUT_NAME, MAP_OUTPUT, MAX_OUTPUT, SCORE_OUTPUT, Bundle
+from llb_edge.errors import LLBEdgeError
+from llb_edge.runtime.logs import get_logger, log_event
 
 BACKEND_CHOICES = ("auto", "tensorrt", "ort-cuda", "ort-cpu")
 DEFAULT_MAX_BATCH = 16
@@ -33,7 +34,7 @@ BackendOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]
 logger = get_logger("backends")
 
 
-class BackendError(RuntimeError):
+class BackendError(LLBEdgeError, RuntimeError):
     """A backend that cannot be created or a model that fails its self-check."""
 
 

@@ -20,10 +20,12 @@ from typing import Any
 
 import zmq
 
+from llb_edge.errors import LLBEdgeError
+
 COMMANDS = ("status", "reload", "threshold")
 
 
-class ControlError(RuntimeError):
+class ControlError(LLBEdgeError, RuntimeError):
     """The daemon did not answer, or answered something that is not a control reply."""
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import cv2
 import numpy as np
 import zmq
-from llb_edge.runtime.keys import configure_client
 
 from llb_edge.data.images import read_image_rgb
 from llb_edge.protocol import ENCODINGS, FrameHeader, encode_frame, raw_frame_header
+from llb_edge.runtime.keys import configure_client
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 

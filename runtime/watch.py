@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TextIO
 
 import zmq
-from llb_edge.runtime.keys import configure_client
 
 from llb_edge.protocol import (
     HEARTBEAT_TOPIC,
@@ -20,6 +19,7 @@ from llb_edge.protocol import (
     decode_published,
     result_topic,
 )
+from llb_edge.runtime.keys import configure_client
 
 
 def format_result(result: ResultHeader) -> str:

@@ -49,9 +49,8 @@ def tiny_overrides(run_dir: Path, **extra: object) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run directory (stage 2 only), shared by exporter and runtime tests."""
-    from llb_edge.trainer.pipeline import run_training
-
     from llb_edge.config import load_config
+    from llb_edge.trainer.pipeline import run_training
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     return run_training(load_config(None, tiny_overrides(run_dir)))

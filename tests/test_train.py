@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from llb_edge.trainer.loss import easy_point_mask, global_cosine_hm_loss, hard_mining_fraction
 from llb_edge.trainer.optim import StableAdamW, learning_rate
 from llb_edge.trainer.train import batch_indices
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 
 def test_hard_mining_ramp():

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from llb_edge.data.samples import DatasetSplit, Sample
+from llb_edge.errors import LLBEdgeError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 PROGRESS_THRESHOLD = 200
 
 
-class ImageReadError(RuntimeError):
+class ImageReadError(LLBEdgeError, RuntimeError):
     """An image or mask that cannot be read; the message names the file(s) and the reason.
 
     ``ImageReadError(path, reason)`` for one file; ``bad`` holds every ``(path, reason)`` pair

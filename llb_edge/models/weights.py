@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llb_edge.bundle import sha256_file
+from llb_edge.errors import LLBEdgeError
 from llb_edge.models.dinomaly import EncoderSpec
 
 HOW_TO_SUPPLY = (
@@ -24,7 +25,7 @@ HOW_TO_SUPPLY = (
 )
 
 
-class WeightsError(RuntimeError):
+class WeightsError(LLBEdgeError, RuntimeError):
     """Backbone weights that are missing or do not fit the chosen encoder."""
 
 

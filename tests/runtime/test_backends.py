@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from llb_edge.runtime.backends import BackendError, OnnxRuntimeBackend, create_backend, self_check
 from runtime_harness import CROP, MAP_SIZE, make_bundle
 
 from llb_edge.bundle import load_bundle
+from llb_edge.runtime.backends import BackendError, OnnxRuntimeBackend, create_backend, self_check
 
 pytest_plugins = ["runtime_fixtures"]  # contract-test-model bundles
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import zmq
-from llb_edge.runtime.keys import generate_keypair
 from runtime_harness import Client, flat_frame, running_daemon, square_frame
+
+from llb_edge.runtime.keys import generate_keypair
 
 pytest_plugins = ["runtime_fixtures"]  # contract-test-model bundles
 pytestmark = pytest.mark.timeout(60)

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from llb_edge.runtime.control import send_control
-from llb_edge.runtime.health import parse_prometheus_text
 from runtime_harness import (
     Client,
     assert_box_close,
@@ -27,6 +25,8 @@ from runtime_harness import (
 
 from llb_edge.bundle import set_threshold
 from llb_edge.protocol import ErrorCode
+from llb_edge.runtime.control import send_control
+from llb_edge.runtime.health import parse_prometheus_text
 
 pytest_plugins = ["runtime_fixtures"]  # contract-test-model bundles
 pytestmark = pytest.mark.timeout(60)
@@ -310,10 +310,10 @@ def test_sub_intake_connects_to_a_camera_publisher(bundle_dir: Path) -> None:
 
 
 def test_missing_or_broken_bundle_refuses_to_start(tmp_path: Path, nan_onnx: Path) -> None:
-    from llb_edge.runtime.daemon import Daemon
     from runtime_harness import daemon_options
 
     from llb_edge.bundle import BundleError
+    from llb_edge.runtime.daemon import Daemon
 
     with pytest.raises(BundleError):
         Daemon(tmp_path / "nothing", daemon_options()).start()

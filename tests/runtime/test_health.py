@@ -6,6 +6,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from llb_edge.runtime.health import HealthServer, MetricsRegistry, parse_prometheus_text
 
 

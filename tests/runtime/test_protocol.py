@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from llb_edge.runtime.frames import decode_frame_image, raw_to_rgb8
 from runtime_harness import encoded, header_bytes, square_frame
 
 from llb_edge.protocol import (
@@ -33,6 +32,7 @@ from llb_edge.protocol import (
     raw_payload_to_array,
     result_topic,
 )
+from llb_edge.runtime.frames import decode_frame_image, raw_to_rgb8
 
 
 def _valid_header(**overrides: object) -> dict:

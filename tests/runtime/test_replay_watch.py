@@ -9,11 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from llb_edge.runtime.replay import replay, source_frames
-from llb_edge.runtime.watch import watch
 from runtime_harness import flat_frame, running_daemon, square_frame
 
 from llb_edge.protocol import ResultHeader
+from llb_edge.runtime.replay import replay, source_frames
+from llb_edge.runtime.watch import watch
 
 pytest_plugins = ["runtime_fixtures"]  # contract-test-model bundles
 pytestmark = pytest.mark.timeout(60)

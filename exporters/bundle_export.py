@@ -1,0 +1,472 @@
+"""`llb-edge export`: a finished run -> a model bundle (bundle.json + model files), gated.
+
+Steps, each of which can refuse the export (nothing is left behind when one does):
+
+1. rebuild the run's final model (llb_edge.runs.load_inspection_model);
+2. export the ONNX graph per precision (exporters/onnx_export.py: onnx.checker + contract check);
+3. the TensorRT lint (exporters/lint.py): any error-level finding fails the export;
+4. the parity gate on real images (exporters/parity.py): ONNX Runtime vs the PyTorch model;
+5. the default threshold from the kept training images' scores (exporters/threshold.py), and the
+   F1-max threshold when labelled validation images are given;
+6. TensorRT engines when asked for and TensorRT imports (exporters/tensorrt.py; engines are built
+   on the target machine: there, `llb-edge export RUN_DIR --format tensorrt`, or
+   :func:`add_tensorrt_engine` on a copied bundle);
+7. bundle.json (llb_edge.bundle schema, docs/bundle.md) with every file's sha256 and parity figures.
+
+The bundle is assembled in a hidden sibling folder and moved into place at the end, so a failed or
+interrupted export never leaves a half bundle where the runtime would look for one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llb_edge import __version__
+from llb_edge.bundle import (
+    INPUT_NAME,
+    MANIFEST_NAME,
+    MAP_OUTPUT,
+    MAX_OUTPUT,
+    SCORE_OUTPUT,
+    Bundle,
+    BundleError,
+    BundleManifest,
+    ModelFile,
+    Preprocessing,
+    Threshold,
+    load_bundle,
+    sha256_file,
+    utc_now,
+    write_manifest,
+)
+from llb_edge.config import RunConfig
+from llb_edge.data.samples import ANOMALOUS, NORMAL, Sample, load_sample_list
+from llb_edge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Geometry
+from llb_edge.exporters import parity
+from llb_edge.exporters.lint import LintError, check_model
+from llb_edge.exporters.onnx_export import PRECISIONS, ExportError, export_onnx
+from llb_edge.exporters.parity import ParityError
+from llb_edge.exporters.tensorrt import (
+    DEFAULT_WORKSPACE_BYTES,
+    BatchProfile,
+    EngineBuild,
+    TensorRTError,
+    build_checked_engine,
+    bundle_engine_name,
+    import_tensorrt,
+)
+from llb_edge.exporters.threshold import (
+    DEFAULT_MARGIN,
+    METHOD_F1MAX,
+    METHOD_QUANTILE,
+    ThresholdChoice,
+    default_threshold,
+    f1max_threshold,
+    read_train_scores,
+)
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "tensorrt")
+PARITY_IMAGES_FILE = "parity_images.npy"
+EXPORTED_BY = "llb-edge export"
+# Exported scores on kept training images vs train_scores.json: above this, warn that the bundle's
+# threshold statistics may not belong to the exported model (e.g. a run trained with bf16 features).
+TRAIN_SCORE_WARN = 1e-3
+
+
+def onnx_file_name(precision: str) -> tuple[str, str]:
+    """(bundle.json files key, file name) of the ONNX graph of ``precision``."""
+    return f"onnx-{precision}", f"model_{precision}.onnx"
+
+
+def resolve_formats(formats: str | Sequence[str]) -> tuple[list[str], bool]:
+    """(formats, tensorrt optional): "all" asks for every format but tolerates a missing TensorRT."""
+    if isinstance(formats, str):
+        formats = [formats]
+    wanted = [f.strip().lower() for f in formats]
+    if "all" in wanted:
+        return list(FORMATS), True
+    unknown = sorted(set(wanted) - set(FORMATS))
+    if unknown or not wanted:
+        raise ExportError(f"unknown export format(s) {unknown or wanted}; choose from onnx, tensorrt, all")
+    return [f for f in FORMATS if f in wanted], False
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a folder")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists; choose another --out, or pass --overwrite to replace it")
+    if not (out_dir / MANIFEST_NAME).is_file():
+        # Never delete a folder that is not a bundle, whatever the flag says.
+        raise ExportError(f"{out_dir} is not empty and is not a bundle (no {MANIFEST_NAME}); refusing to replace it")
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` with ``staging``; the old bundle is removed only once the new one is in place."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_images(paths: Sequence[str], geometry: Geometry) -> np.ndarray:
+    from llb_edge.data.images import read_image_rgb
+
+    out = np.empty((len(paths), geometry.crop, geometry.crop, 3), dtype=np.uint8)
+    for index, path in enumerate(paths):
+        out[index] = geometry.to_model_input(read_image_rgb(path))
+    return out
+
+
+def run_split_samples(cfg: RunConfig) -> tuple[list[Sample], list[Sample]]:
+    """The run's (train, test) samples as the trainer listed them, without decoding every image."""
+    from llb_edge.data.readers import load_dataset
+    from llb_edge.data.samples import contaminate
+
+    split = load_dataset(cfg.data)
+    alpha = float(getattr(cfg.data, "contamination", 0.0) or 0.0)
+    if alpha > 0:
+        split = contaminate(split, alpha, cfg.data.split_seed)
+    return split.train, split.test
+
+
+def parity_image_set(
+    run_dir: Path, cfg: RunConfig, images: np.ndarray | Sequence[str] | None, count: int
+) -> tuple[np.ndarray, list[str]]:
+    """Real images for the parity gate: given ones, else an even normal/defect spread of the test split.
+
+    Falls back to the run's kept training images when the test split cannot be read here.
+    """
+    geometry = Geometry(cfg.data.resize, cfg.data.crop)
+    if isinstance(images, np.ndarray):
+        if images.shape[1:] != (geometry.crop, geometry.crop, 3) or images.dtype != np.uint8:
+            raise ExportError(f"parity images must be uint8 [N, {geometry.crop}, {geometry.crop}, 3] "
+                              f"(pre-processed model inputs), got {images.dtype} {images.shape}")
+        return images, [f"<array {i}>" for i in range(len(images))]
+    if images is not None:
+        paths = [str(p) for p in images]
+        return _load_images(paths, geometry), paths
+    candidates: list[Sample] = []
+    try:
+        _, test = run_split_samples(cfg)
+        chosen = parity.spread_indices([s.label for s in test], count)
+        candidates = [test[i] for i in chosen]
+    except Exception as err:  # noqa: BLE001 - any reader failure: fall back to the run's own list
+        log.warning("cannot read the run's test split for parity (%s); using its training images", err)
+    candidates = [s for s in candidates if Path(s.path).is_file()]
+    if len(candidates) < parity.MIN_PARITY_IMAGES:
+        from llb_edge.runs import TRAIN_LIST
+
+        kept = [s for s in load_sample_list(run_dir / TRAIN_LIST) if Path(s.path).is_file()]
+        candidates = [kept[i] for i in parity.spread_indices([s.label for s in kept], count)]
+    if len(candidates) < parity.MIN_PARITY_IMAGES:
+        raise ExportError(f"found only {len(candidates)} readable images for the parity gate (need "
+                          f"{parity.MIN_PARITY_IMAGES}); pass images_for_parity (--parity-images)")
+    paths = [s.path for s in candidates]
+    return _load_images(paths, geometry), paths
+
+
+def validation_samples(run_dir: Path, cfg: RunConfig, validation: str | Path | Sequence[Sample]) -> list[Sample]:
+    """Labelled validation samples: a Sample list, a JSONL sample list, or "test" (the run's test split).
+
+    "test" is optimistic (the threshold is then tuned on the images the run was evaluated on); a
+    separate labelled set from the line is the honest choice.
+    """
+    if isinstance(validation, str) and validation == "test":
+        samples = run_split_samples(cfg)[1]
+    elif isinstance(validation, str | Path):
+        samples = load_sample_list(validation)
+    else:
+        samples = list(validation)
+    labelled = [s for s in samples if s.label in (NORMAL, ANOMALOUS)]
+    if len({s.label for s in labelled}) < 2:
+        raise ExportError("the validation set needs both normal and anomalous labelled images for an F1 threshold")
+    return labelled
+
+
+def _score_images(onnx_path: Path, paths: Sequence[str], geometry: Geometry, batch_size: int = 16) -> np.ndarray:
+    run = parity.onnxruntime_runner(onnx_path)
+    scores = []
+    for start in range(0, len(paths), batch_size):
+        scores.append(run(_load_images(paths[start : start + batch_size], geometry))[1].reshape(-1))
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
+def _train_score_check(run_dir: Path, onnx_path: Path, geometry: Geometry, count: int = 4) -> dict[str, Any]:
+    """Exported scores of a few kept training images vs the run's train_scores.json.
+
+    The default threshold comes from those recorded scores; this confirms they belong to the model
+    being exported (same backbone, same weights, same pre-processing).
+    """
+    from llb_edge.runs import TRAIN_SCORES, read_json
+
+    recorded = read_json(run_dir / TRAIN_SCORES).get("scores") or {}
+    paths = [p for p in sorted(recorded) if Path(p).is_file()]
+    if not paths:
+        return {"checked": 0}
+    picked = [paths[int(i)] for i in np.unique(np.linspace(0, len(paths) - 1, min(count, len(paths))).astype(int))]
+    exported = _score_images(onnx_path, picked, geometry)
+    diff = float(np.max(np.abs(exported - np.asarray([recorded[p] for p in picked]))))
+    if diff > TRAIN_SCORE_WARN:
+        warnings.warn(f"exported scores differ from the run's recorded training scores by up to {diff:.3g}; "
+                      "the default threshold may not fit this model", stacklevel=3)
+    return {"checked": len(picked), "max_abs_diff": float(f"{diff:.4g}")}
+
+
+def _threshold(
+    run_dir: Path, cfg: RunConfig, onnx_fp32: Path, validation: str | Path | Sequence[Sample] | None,
+    threshold_method: str, margin: float,
+) -> tuple[ThresholdChoice, dict[str, Any]]:
+    candidates: dict[str, Any] = {}
+    quantile = default_threshold(run_dir, margin)
+    candidates[METHOD_QUANTILE] = quantile.to_dict()
+    chosen = quantile
+    if validation is not None:
+        samples = validation_samples(run_dir, cfg, validation)
+        scores = _score_images(onnx_fp32, [s.path for s in samples], Geometry(cfg.data.resize, cfg.data.crop))
+        f1 = f1max_threshold(scores, np.asarray([s.label for s in samples]))
+        candidates[METHOD_F1MAX] = f1.to_dict()
+        if threshold_method == METHOD_F1MAX:
+            chosen = f1
+    elif threshold_method == METHOD_F1MAX:
+        raise ExportError("threshold_method f1max needs a labelled validation set (validation=...)")
+    return chosen, candidates
+
+
+def _manifest(
+    run_dir: Path, cfg: RunConfig, metadata: dict[str, Any], model_id: str | None, model_version: str | None,
+    threshold: ThresholdChoice, files: dict[str, ModelFile], extra: dict[str, Any],
+) -> BundleManifest:
+    created = utc_now()
+    _, stats = read_train_scores(run_dir)
+    backbone = metadata.get("backbone", {})
+    map_size = cfg.eval.map_size
+    return BundleManifest(
+        model_id=model_id or cfg.name,
+        model_version=model_version or dt.datetime.now(dt.UTC).strftime("%Y%m%d.%H%M%S"),
+        created=created,
+        source_run=str(run_dir.resolve()),
+        encoder=str(metadata.get("encoder", cfg.model.encoder)),
+        weights_sha256=str(backbone.get("sha256") or ""),
+        preprocessing=Preprocessing(resize=cfg.data.resize, crop=cfg.data.crop, mean=tuple(IMAGENET_MEAN),
+                                    std=tuple(IMAGENET_STD)),
+        map_size=map_size,
+        outputs={MAP_OUTPUT: ["batch", 1, map_size, map_size], SCORE_OUTPUT: ["batch"], MAX_OUTPUT: ["batch"]},
+        score_stats=stats,
+        threshold=Threshold(value=threshold.value, method=threshold.description, set_by=EXPORTED_BY,
+                            set_at=created),
+        files=files,
+        extra=extra,
+    )
+
+
+def _tensorrt_available(formats: list[str], optional: bool) -> tuple[list[str], list[str]]:
+    """(formats to build, skip notes). A missing TensorRT fails an explicit request, warns for "all"."""
+    if "tensorrt" not in formats:
+        return formats, []
+    try:
+        import_tensorrt()
+    except TensorRTError as err:
+        if not optional:
+            raise
+        note = ("TensorRT skipped: tensorrt does not import here. Engines are built on the target machine: "
+                "run `llb-edge export RUN_DIR --format tensorrt` there, or build from this bundle there.")
+        warnings.warn(note, stacklevel=3)
+        log.warning("%s (%s)", note, err)
+        return [f for f in formats if f != "tensorrt"], [note]
+    return formats, []
+
+
+def _engine_file(build: EngineBuild, root: Path) -> tuple[str, ModelFile]:
+    key, name = bundle_engine_name(build.gpu, build.trt_version, build.plan.precision)
+    shutil.copyfile(build.engine_path, root / name)
+    return key, ModelFile(path=name, sha256=sha256_file(root / name), format="tensorrt",
+                          precision=build.plan.precision, target=build.target(), parity=build.parity)
+
+
+def export_bundle(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    formats: str | Sequence[str] = ("onnx",),
+    precisions: Sequence[str] = PRECISIONS,
+    model_id: str | None = None,
+    model_version: str | None = None,
+    validation: str | Path | Sequence[Sample] | None = None,
+    images_for_parity: np.ndarray | Sequence[str] | None = None,
+    overwrite: bool = False,
+    weights: str | None = None,
+    threshold_method: str = METHOD_QUANTILE,
+    threshold_margin: float = DEFAULT_MARGIN,
+    parity_count: int = parity.DEFAULT_PARITY_IMAGES,
+    engine_precision: str = "fp16",
+    engine_profile: BatchProfile | None = None,
+    engine_cache_dir: str | Path | None = None,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> Bundle:
+    """Export the final model of ``run_dir`` into the bundle folder ``out_dir``; returns the loaded bundle.
+
+    formats: "onnx", "tensorrt" or "all" (or a list). TensorRT bundles always carry the ONNX
+    graphs too (the engine's source, the parity reference and the runtime's fallback). With
+    "tensorrt" a missing TensorRT is an error; with "all" it is a warning and the engines are skipped.
+    precisions: ONNX precisions; fp32 is required (CPU runtime and parity reference).
+    validation: labelled images for the F1-max threshold: Samples, a JSONL sample list, or "test".
+    threshold_method: which candidate becomes the bundle's threshold: "quantile" (default) or "f1max".
+    images_for_parity: uint8 [N, crop, crop, 3] model inputs or image paths; default: the run's
+    test images. weights: backbone weights file when the recorded path does not exist here.
+    Raises ExportError, LintError, ParityError, TensorRTError or RunError with the reason.
+    """
+    started = time.perf_counter()
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    wanted, tensorrt_optional = resolve_formats(formats)
+    precisions = list(dict.fromkeys(precisions))
+    if "fp32" not in precisions or set(precisions) - set(PRECISIONS):
+        raise ExportError(f"precisions must include fp32 and be among {', '.join(PRECISIONS)}, got {precisions}")
+    if threshold_method not in (METHOD_QUANTILE, METHOD_F1MAX):
+        raise ExportError(f"threshold_method must be {METHOD_QUANTILE} or {METHOD_F1MAX}, got {threshold_method!r}")
+    _prepare_out_dir(out_dir, overwrite)
+    wanted, skipped = _tensorrt_available(wanted, tensorrt_optional)
+    if "tensorrt" in wanted and "fp16" not in precisions and engine_precision == "fp16":
+        precisions.append("fp16")  # strongly typed fp16 builds parse the fp16 graph
+
+    import onnx
+    import onnxruntime
+    import torch
+
+    from llb_edge.runs import MODEL, load_inspection_model, read_json, read_run_config
+
+    cfg = read_run_config(run_dir)
+    metadata = read_json(run_dir / "metadata.json")
+    model, cfg, metadata = load_inspection_model(run_dir, "cpu", weights)
+    geometry = Geometry(cfg.data.resize, cfg.data.crop)
+    images, image_sources = parity_image_set(run_dir, cfg, images_for_parity, parity_count)
+    log.info("parity gate on %d real images", len(images))
+    reference = parity.run_torch(model, images)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        files: dict[str, ModelFile] = {}
+        onnx_paths: dict[str, Path] = {}
+        exports: dict[str, Any] = {}
+        lint_notes: dict[str, list[str]] = {}
+        for precision in precisions:
+            key, name = onnx_file_name(precision)
+            path = staging / name
+            tags = {"llb_edge.source_run": str(run_dir.resolve()), "llb_edge.version": __version__}
+            result = export_onnx(model, path, precision, metadata=tags)
+            findings = check_model(path, source=name)  # raises LintError on any error-level finding
+            report = parity.require(parity.check_onnx_parity(model, path, images, precision, reference))
+            log.info("%s: %s", name, report.summary())
+            files[key] = ModelFile(path=name, sha256=sha256_file(path), format="onnx", precision=precision,
+                                   parity=report.to_dict())
+            onnx_paths[precision] = path
+            exports[precision] = result.to_dict()
+            lint_notes[precision] = [str(f) for f in findings]
+
+        np.save(staging / PARITY_IMAGES_FILE, images)
+        threshold, candidates = _threshold(run_dir, cfg, onnx_paths["fp32"], validation, threshold_method,
+                                           threshold_margin)
+        trained = run_dir / MODEL
+        extra: dict[str, Any] = {
+            "input": {"name": INPUT_NAME, "shape": ["batch", cfg.data.crop, cfg.data.crop, 3], "dtype": "uint8",
+                      "color": "RGB", "layout": "NHWC"},
+            "backbone": metadata.get("backbone", {}),
+            "trained_weights_sha256": sha256_file(trained),
+            "top_fraction": cfg.eval.top_fraction,
+            "threshold_rule": threshold.to_dict(),
+            "threshold_candidates": candidates,
+            "parity_images": {"path": PARITY_IMAGES_FILE, "sha256": sha256_file(staging / PARITY_IMAGES_FILE),
+                              "count": int(len(images)), "sources": image_sources},
+            "train_scores_check": _train_score_check(run_dir, onnx_paths["fp32"], geometry),
+            "onnx": exports,
+            "lint_warnings": lint_notes,
+            "exporter": {"llb_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "skipped": skipped,
+        }
+        if "tensorrt" in wanted:
+            build = build_checked_engine(onnx_paths, cfg.data.crop, images, engine_precision, engine_profile,
+                                         engine_cache_dir, workspace_bytes)
+            key, spec = _engine_file(build, staging)
+            files[key] = spec
+        extra["export_seconds"] = round(time.perf_counter() - started, 1)
+        manifest = _manifest(run_dir, cfg, metadata, model_id, model_version, threshold, files, extra)
+        write_manifest(staging, manifest)
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    bundle = load_bundle(out_dir)
+    log.info("bundle %s written in %.1f s (threshold %.6g, %s)", out_dir, time.perf_counter() - started,
+             threshold.value, threshold.description)
+    return bundle
+
+
+def bundle_parity_images(bundle: Bundle) -> np.ndarray:
+    """The parity images stored in a bundle, checksum-verified."""
+    info = bundle.manifest.extra.get("parity_images") or {}
+    path = bundle.root / str(info.get("path", PARITY_IMAGES_FILE))
+    if not path.is_file():
+        raise BundleError(f"bundle {bundle.root} has no parity images ({path.name}); re-export it")
+    if info.get("sha256") and sha256_file(path) != info["sha256"]:
+        raise BundleError(f"{path} fails its checksum; the bundle is corrupt, re-export it")
+    return np.load(path, allow_pickle=False)
+
+
+def add_tensorrt_engine(
+    bundle_dir: str | Path,
+    precision: str = "fp16",
+    profile: BatchProfile | None = None,
+    cache_dir: str | Path | None = None,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    strongly_typed: bool | None = None,
+) -> Bundle:
+    """Build a TensorRT engine from a bundle's ONNX on this machine and add it to the bundle. UNTESTED ON GPU HERE.
+
+    For line PCs without the training run: copy the ONNX bundle over, then build here. The engine
+    passes the parity gate against ONNX Runtime on the bundle's stored parity images first.
+    """
+    bundle = load_bundle(bundle_dir)
+    onnx_paths = {spec.precision: bundle.root / spec.path for spec in bundle.manifest.files.values()
+                  if spec.format == "onnx"}
+    build = build_checked_engine(onnx_paths, bundle.manifest.preprocessing.crop, bundle_parity_images(bundle),
+                                 precision, profile, cache_dir, workspace_bytes, strongly_typed)
+    key, spec = _engine_file(build, bundle.root)
+    bundle.manifest.files[key] = spec
+    write_manifest(bundle.root, bundle.manifest)
+    return load_bundle(bundle.root)
+
+
+__all__ = [
+    "FORMATS",
+    "ExportError",
+    "LintError",
+    "ParityError",
+    "TensorRTError",
+    "add_tensorrt_engine",
+    "bundle_parity_images",
+    "export_bundle",
+    "onnx_file_name",
+    "resolve_formats",
+]

@@ -1,0 +1,294 @@
+"""The PLC adapter interface, the tag values adapters write, and the runner that keeps an adapter
+connected.
+
+An adapter only knows how to talk to one kind of PLC endpoint (OPC UA, Modbus TCP). Everything
+about staying alive is the runner's job, so it is the same for every protocol: connect with
+exponential backoff, treat any failed or timed-out call as a lost connection, log it, close,
+retry, and after a reconnect write every camera's current tags again (the PLC may have restarted
+with zeroed memory). Nothing an adapter raises can end the gateway.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from llb_edge.runtime.gateway.config import GATEWAY_TAGS, ReconnectPolicy
+from llb_edge.runtime.logs import get_logger, log_event
+
+logger = get_logger("gateway")
+
+WriteKind = Literal["result", "health"]
+
+# Tags that change without a new result: fail-safe, heartbeat, handshake flags. A "health" write
+# carries only these; a "result" write carries every tag.
+HEALTH_TAGS = (
+    "Ready",
+    "Busy",
+    "ResultValid",
+    "OK",
+    "NG",
+    "ResultCode",
+    "Heartbeat",
+    "Fault",
+    "ErrorCode",
+    "ModelVersion",
+)
+# The strobe: written after (or atomically with) the data it announces, never before it.
+STROBE_TAG = "ResultValid"
+
+
+@dataclass(frozen=True)
+class TagType:
+    """How a tag is typed on each protocol (docs/gateway.md has the table)."""
+
+    opcua: str  # asyncua VariantType name
+    plc: str  # IEC 61131-3 type a PLC programmer declares
+    array: int = 0  # element count for arrays
+
+
+TAG_TYPES: dict[str, TagType] = {
+    "Ready": TagType("Boolean", "BOOL"),
+    "Busy": TagType("Boolean", "BOOL"),
+    "ResultValid": TagType("Boolean", "BOOL"),
+    "OK": TagType("Boolean", "BOOL"),
+    "NG": TagType("Boolean", "BOOL"),
+    "ResultCode": TagType("UInt16", "UINT"),
+    "Score": TagType("Float", "REAL"),
+    "DefectArea": TagType("UInt32", "UDINT"),
+    "BBox": TagType("UInt16", "ARRAY[0..3] OF UINT", array=4),
+    "InspectionID": TagType("UInt32", "UDINT"),
+    "Heartbeat": TagType("Boolean", "BOOL"),
+    "Fault": TagType("Boolean", "BOOL"),
+    "ErrorCode": TagType("UInt16", "UINT"),
+    "ModelVersion": TagType("String", "STRING[16]"),
+    "Trigger": TagType("UInt32", "UDINT"),
+    "ResultsAck": TagType("UInt32", "UDINT"),
+}
+
+
+@dataclass(frozen=True)
+class Tags:
+    """Every value the gateway shows a PLC for one camera (an immutable snapshot)."""
+
+    ready: bool = False
+    busy: bool = False
+    result_valid: bool = False
+    ok: bool = False
+    ng: bool = False
+    result_code: int = 0
+    score: float = 0.0
+    defect_area: int = 0
+    bbox: tuple[int, int, int, int] = (0, 0, 0, 0)
+    inspection_id: int = 0
+    heartbeat: bool = False
+    fault: bool = False
+    error_code: int = 0
+    model_version: str = ""
+
+    def replace(self, **changes: Any) -> Tags:
+        return dataclasses.replace(self, **changes)
+
+    def by_name(self) -> dict[str, Any]:
+        """Tag name (as in GATEWAY_TAGS) -> value."""
+        return {
+            "Ready": self.ready,
+            "Busy": self.busy,
+            "ResultValid": self.result_valid,
+            "OK": self.ok,
+            "NG": self.ng,
+            "ResultCode": self.result_code,
+            "Score": self.score,
+            "DefectArea": self.defect_area,
+            "BBox": list(self.bbox),
+            "InspectionID": self.inspection_id,
+            "Heartbeat": self.heartbeat,
+            "Fault": self.fault,
+            "ErrorCode": self.error_code,
+            "ModelVersion": self.model_version,
+        }
+
+
+assert tuple(Tags().by_name()) == GATEWAY_TAGS, "Tags.by_name must list every gateway tag, in order"
+
+
+def ordered_writes(tags: Tags, kind: WriteKind) -> tuple[list[tuple[str, Any]], tuple[str, Any]]:
+    """(data tags, strobe) for a write: adapters that cannot write atomically write the strobe last."""
+    values = tags.by_name()
+    names = HEALTH_TAGS if kind == "health" else GATEWAY_TAGS
+    data = [(name, values[name]) for name in names if name != STROBE_TAG]
+    return data, (STROBE_TAG, values[STROBE_TAG])
+
+
+@dataclass(frozen=True)
+class HandshakeInputs:
+    trigger: int  # the PLC's trigger id; a change to a non-zero value requests an inspection
+    ack: int  # the InspectionID the PLC has consumed
+
+
+class Adapter(abc.ABC):
+    """One PLC-facing endpoint. Methods may raise anything on failure: the runner handles it."""
+
+    name: str
+    cameras: tuple[str, ...]
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open the connection (a client) or start listening (a server)."""
+
+    @abc.abstractmethod
+    async def write_result(self, camera_id: str, tags: Tags) -> None:
+        """Write every tag of a new result; the data must be visible no later than ResultValid."""
+
+    @abc.abstractmethod
+    async def write_health(self, camera_id: str, tags: Tags) -> None:
+        """Write the HEALTH_TAGS (heartbeat, fail-safe and handshake flags)."""
+
+    async def read_handshake(self, camera_id: str) -> HandshakeInputs:
+        """Trigger and ResultsAck as the PLC wrote them."""
+        raise NotImplementedError(f"{type(self).__name__} has no handshake inputs")
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the connection or stop the server; must not raise on an already broken one."""
+
+
+class AdapterRunner:
+    """Keeps one adapter connected and feeds it writes in order.
+
+    Result writes queue in order (each toggles ResultValid: dropping one would hide a part from the
+    PLC); health writes coalesce to the newest per camera. While disconnected nothing queues: after
+    a reconnect every camera's current tags are written in full, which supersedes whatever was
+    missed.
+    """
+
+    QUEUE_LIMIT = 1000
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        policy: ReconnectPolicy,
+        current: Callable[[str], Tags],
+        *,
+        call_timeout_s: float = 2.0,
+        connect_timeout_s: float = 15.0,
+    ) -> None:
+        self.adapter = adapter
+        self._policy = policy
+        self._current = current
+        self._call_timeout_s = call_timeout_s
+        # Connecting may take far longer than a write: an OPC UA server builds its address space.
+        self._connect_timeout_s = connect_timeout_s
+        self._pending: deque[tuple[WriteKind, str, Tags]] = deque()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()  # one request at a time on the adapter's connection
+        self.connected = False
+        self.connects = 0  # successful connects so far (reconnects = connects - 1)
+        self.writes = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    def submit(self, kind: WriteKind, camera_id: str, tags: Tags) -> None:
+        if not self.connected or camera_id not in self.adapter.cameras:
+            return
+        if kind == "health":
+            for index in range(len(self._pending) - 1, -1, -1):
+                pending_kind, pending_camera, _ = self._pending[index]
+                if pending_camera == camera_id:
+                    # Replace a queued health write in place; behind a queued result it must queue
+                    # (the result snapshot would otherwise overwrite the newer health state).
+                    if pending_kind == "health":
+                        self._pending[index] = (kind, camera_id, tags)
+                        self._wake.set()
+                        return
+                    break
+        if len(self._pending) >= self.QUEUE_LIMIT:
+            self._pending.popleft()
+            log_event(logger, logging.WARNING, "adapter_queue_full", adapter=self.name, limit=self.QUEUE_LIMIT)
+        self._pending.append((kind, camera_id, tags))
+        self._wake.set()
+
+    async def _call(self, coroutine: Any, timeout_s: float | None = None) -> Any:
+        async with self._lock:
+            return await asyncio.wait_for(coroutine, timeout_s or self._call_timeout_s)
+
+    async def _disconnect(self, error: BaseException) -> None:
+        if not self.connected:
+            return  # a concurrent call already reported this loss
+        self.connected = False
+        self.failures += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        self._pending.clear()
+        log_event(logger, logging.WARNING, "adapter_connection_lost", adapter=self.name, error=self.last_error)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.adapter.close(), self._call_timeout_s)
+
+    async def read_handshake(self, camera_id: str) -> HandshakeInputs | None:
+        """The PLC's inputs, or None while disconnected (a failed read counts as a lost connection)."""
+        if not self.connected:
+            return None
+        try:
+            return await self._call(self.adapter.read_handshake(camera_id))
+        except Exception as err:  # any failure means: reconnect, never crash
+            await self._disconnect(err)
+            return None
+
+    async def _connect(self, stop: asyncio.Event, backoff: Any) -> bool:
+        try:
+            await self._call(self.adapter.connect(), self._connect_timeout_s)
+        except Exception as err:  # logged and retried: a PLC problem must not end the gateway
+            self.last_error = f"{type(err).__name__}: {err}"
+            delay = backoff.next()
+            # The first failure is news; repeats every backoff step are not, but stay visible.
+            level = logging.WARNING if self.connects == 0 and delay == self._policy.initial_s else logging.INFO
+            log_event(logger, level, "adapter_connect_failed", adapter=self.name, error=self.last_error, retry_s=delay)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.adapter.close(), self._call_timeout_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            return False
+        backoff.reset()
+        self.connects += 1
+        self.connected = True
+        event = "adapter_connected" if self.connects == 1 else "adapter_reconnected"
+        log_event(logger, logging.INFO, event, adapter=self.name, cameras=list(self.adapter.cameras))
+        # Whatever the PLC holds now (zeros after its restart, or stale values) is replaced.
+        self._pending.clear()
+        for camera_id in self.adapter.cameras:
+            self._pending.append(("result", camera_id, self._current(camera_id)))
+        return True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = self._policy.delays()
+        try:
+            while not stop.is_set():
+                if not self.connected:
+                    await self._connect(stop, backoff)
+                    continue
+                if not self._pending:
+                    self._wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 0.5)
+                    continue
+                kind, camera_id, tags = self._pending.popleft()
+                method = self.adapter.write_result if kind == "result" else self.adapter.write_health
+                try:
+                    await self._call(method(camera_id, tags))
+                    self.writes += 1
+                except Exception as err:  # logged and retried: a PLC problem must not end the gateway
+                    await self._disconnect(err)
+        finally:
+            self.connected = False
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.adapter.close(), self._call_timeout_s)

@@ -1,0 +1,398 @@
+"""Gateway configuration: which cameras exist, which PLC adapters carry their tags, and timings.
+
+The file is TOML (documented example: configs/gateway.example.toml, reference: docs/gateway.md).
+Unknown keys are errors, not warnings: a misspelt key in a plant config would otherwise silently
+fall back to a default that nobody chose (a PLC address, a word order).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llb_edge.errors import LLBEdgeError
+from llb_edge.protocol import is_valid_camera_id
+
+DEFAULT_RESULTS = "tcp://127.0.0.1:5556"
+DEFAULT_OPCUA_ENDPOINT = "opc.tcp://127.0.0.1:4840/llb-edge/"
+DEFAULT_NAMESPACE = "urn:llb-edge:gateway"
+DEFAULT_NODE_TEMPLATE = "ns=2;s=Inspection.{camera}.{tag}"
+MODBUS_BLOCK_REGISTERS = 32  # one camera's register block; see docs/gateway.md for the map
+WORD_ORDERS = ("big", "little")
+ADAPTER_TYPES = ("opcua-server", "opcua-client", "modbus-client", "modbus-server", "s7")
+S7_BLOCK_BYTES = 52  # one camera's bytes in the S7 data block; see docs/gateway.md for the layout
+
+# Tag names as a PLC programmer sees them (types and meaning: docs/gateway.md). The gateway writes
+# GATEWAY_TAGS; the PLC writes PLC_TAGS (only read when the camera's handshake is on).
+GATEWAY_TAGS = (
+    "Ready",
+    "Busy",
+    "ResultValid",
+    "OK",
+    "NG",
+    "ResultCode",
+    "Score",
+    "DefectArea",
+    "BBox",
+    "InspectionID",
+    "Heartbeat",
+    "Fault",
+    "ErrorCode",
+    "ModelVersion",
+)
+PLC_TAGS = ("Trigger", "ResultsAck")
+ALL_TAGS = GATEWAY_TAGS + PLC_TAGS
+
+
+class GatewayConfigError(LLBEdgeError, ValueError):
+    """The gateway config (file or flags) is invalid; the message says where."""
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    camera_id: str
+    handshake: bool = False  # the PLC triggers inspections and acknowledges results
+    trigger_timeout_s: float = 0.0  # handshake: answer NG if no result this long after a trigger; 0: off
+    handshake_adapter: str | None = None  # adapter whose Trigger/ResultsAck count; None: the camera's first
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """Exponential backoff between attempts to (re)connect an adapter."""
+
+    initial_s: float = 0.5
+    max_s: float = 10.0
+    factor: float = 2.0
+
+    def delays(self) -> _Backoff:
+        return _Backoff(self)
+
+
+class _Backoff:
+    def __init__(self, policy: ReconnectPolicy) -> None:
+        self._policy = policy
+        self._next = policy.initial_s
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._policy.max_s, self._next * self._policy.factor)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self._policy.initial_s
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    name: str
+    cameras: tuple[str, ...]  # resolved: never empty after load (empty in the file means all)
+
+
+@dataclass(frozen=True)
+class OpcUaServerConfig(AdapterConfig):
+    endpoint: str = DEFAULT_OPCUA_ENDPOINT
+    namespace: str = DEFAULT_NAMESPACE
+    type: str = "opcua-server"
+
+
+@dataclass(frozen=True)
+class OpcUaClientConfig(AdapterConfig):
+    url: str = "opc.tcp://127.0.0.1:4840"
+    node_template: str = DEFAULT_NODE_TEMPLATE  # {camera} and {tag} are filled in
+    # camera -> tag -> node id; BBox may be a list of four node ids (x, y, w, h)
+    nodes: dict[str, dict[str, str | list[str]]] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()  # tags written; empty: every gateway tag
+    timeout_s: float = 2.0
+    type: str = "opcua-client"
+
+
+@dataclass(frozen=True)
+class ModbusConfig(AdapterConfig):
+    mode: str = "client"  # client: we write a PLC's holding registers; server: the PLC polls us
+    host: str = "127.0.0.1"
+    port: int = 502
+    unit_id: int = 1
+    word_order: str = "big"  # 32-bit values: "big" = high word first, "little" = low word first
+    base: dict[str, int] = field(default_factory=dict)  # camera -> first register of its block
+    timeout_s: float = 1.0
+
+    @property
+    def type(self) -> str:
+        return f"modbus-{self.mode}"
+
+    def base_of(self, camera_id: str) -> int:
+        return self.base[camera_id]
+
+
+@dataclass(frozen=True)
+class S7Config(AdapterConfig):
+    """A Siemens S7 CPU reached with PUT/GET (python-snap7): one non-optimised data block."""
+
+    host: str = "127.0.0.1"
+    port: int = 102
+    rack: int = 0
+    slot: int = 1  # S7-300: 2; S7-1200/1500: 1 (or 0)
+    db: int = 1
+    offset: dict[str, int] = field(default_factory=dict)  # camera -> first byte of its block in the DB
+    timeout_s: float = 2.0
+    type: str = "s7"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    cameras: tuple[CameraConfig, ...]
+    adapters: tuple[AdapterConfig, ...]
+    results: str = DEFAULT_RESULTS
+    fail_safe_s: float = 3.0  # no daemon heartbeat or result for this long: Fault=1, OK=0, Ready=0
+    heartbeat_s: float = 1.0  # the Heartbeat tag toggles this often while the vision system is healthy
+    handshake_poll_s: float = 0.02  # how often Trigger/ResultsAck are read
+    write_timeout_s: float = 2.0  # one adapter call; longer counts as a lost connection
+    reconnect: ReconnectPolicy = ReconnectPolicy()
+    curve_secret: Path | None = None  # this client's .key_secret
+    curve_server_public: Path | None = None  # the daemon's .key
+
+    def camera(self, camera_id: str) -> CameraConfig:
+        for camera in self.cameras:
+            if camera.camera_id == camera_id:
+                return camera
+        raise KeyError(camera_id)
+
+    def validate(self) -> None:
+        problems: list[str] = []
+        if not self.cameras:
+            problems.append("no cameras")
+        if not self.adapters:
+            problems.append("no adapters (add an [adapters.NAME] table or a --opcua/--modbus flag)")
+        if self.fail_safe_s <= 0 or self.heartbeat_s <= 0 or self.handshake_poll_s <= 0 or self.write_timeout_s <= 0:
+            problems.append("fail_safe_s, heartbeat_s, handshake_poll_s and write_timeout_s must be > 0")
+        if self.reconnect.initial_s <= 0 or self.reconnect.max_s < self.reconnect.initial_s:
+            problems.append("reconnect: need 0 < reconnect_initial_s <= reconnect_max_s")
+        if (self.curve_secret is None) != (self.curve_server_public is None):
+            problems.append("CURVE needs both curve_secret and curve_server_public")
+        names = [adapter.name for adapter in self.adapters]
+        if len(set(names)) != len(names):
+            problems.append(f"adapter names repeat: {names}")
+        camera_ids = [camera.camera_id for camera in self.cameras]
+        if len(set(camera_ids)) != len(camera_ids):
+            problems.append(f"camera ids repeat: {camera_ids}")
+        for camera in self.cameras:
+            if not is_valid_camera_id(camera.camera_id):
+                problems.append(f"camera id {camera.camera_id!r} is not a valid protocol camera id")
+            if camera.handshake:
+                adapter = self.handshake_adapter(camera.camera_id)
+                if adapter is None:
+                    problems.append(f"camera {camera.camera_id}: handshake needs an adapter that carries it")
+            if camera.trigger_timeout_s < 0:
+                problems.append(f"camera {camera.camera_id}: trigger_timeout_s must be >= 0")
+        for adapter in self.adapters:
+            unknown = [camera for camera in adapter.cameras if camera not in camera_ids]
+            if unknown:
+                problems.append(f"adapter {adapter.name}: unknown cameras {unknown}")
+            problems.extend(_adapter_problems(adapter))
+        if problems:
+            raise GatewayConfigError("invalid gateway config: " + "; ".join(problems))
+
+    def handshake_adapter(self, camera_id: str) -> AdapterConfig | None:
+        """The adapter whose Trigger/ResultsAck inputs drive this camera's handshake."""
+        wanted = self.camera(camera_id).handshake_adapter
+        for adapter in self.adapters:
+            if camera_id in adapter.cameras and (wanted is None or adapter.name == wanted):
+                return adapter
+        return None
+
+
+def _adapter_problems(adapter: AdapterConfig) -> list[str]:
+    problems: list[str] = []
+    if isinstance(adapter, ModbusConfig):
+        if adapter.word_order not in WORD_ORDERS:
+            problems.append(f"adapter {adapter.name}: word_order must be one of {WORD_ORDERS}")
+        if not 0 <= adapter.unit_id <= 255 or not 0 < adapter.port < 65536:
+            problems.append(f"adapter {adapter.name}: unit_id 0..255 and port 1..65535")
+        starts = sorted(adapter.base.get(camera, -1) for camera in adapter.cameras)
+        if any(start < 0 or start + MODBUS_BLOCK_REGISTERS > 65536 for start in starts):
+            problems.append(f"adapter {adapter.name}: every camera needs a base register 0..{65536 - 32}")
+        if any(b - a < MODBUS_BLOCK_REGISTERS for a, b in zip(starts, starts[1:], strict=False)):
+            problems.append(f"adapter {adapter.name}: camera blocks overlap ({MODBUS_BLOCK_REGISTERS} registers each)")
+    if isinstance(adapter, S7Config):
+        starts = sorted(adapter.offset.get(camera, -1) for camera in adapter.cameras)
+        if any(start < 0 or start % 2 for start in starts) or adapter.db < 1:
+            problems.append(f"adapter {adapter.name}: db >= 1 and an even byte offset >= 0 for every camera")
+        if any(b - a < S7_BLOCK_BYTES for a, b in zip(starts, starts[1:], strict=False)):
+            problems.append(f"adapter {adapter.name}: camera blocks overlap ({S7_BLOCK_BYTES} bytes each)")
+    if isinstance(adapter, OpcUaClientConfig):
+        bad = [tag for tag in adapter.tags if tag not in ALL_TAGS]
+        for tags in adapter.nodes.values():
+            bad += [tag for tag in tags if tag not in ALL_TAGS]
+        if bad:
+            problems.append(f"adapter {adapter.name}: unknown tags {bad} (known: {', '.join(ALL_TAGS)})")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+class _Table:
+    """A TOML table read key by key; whatever was not read is reported as unknown."""
+
+    def __init__(self, values: Any, where: str) -> None:
+        if not isinstance(values, dict):
+            raise GatewayConfigError(f"{where} must be a table")
+        self._values = values
+        self._where = where
+        self._read: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self._read.add(key)
+        if key not in self._values:
+            return default
+        value = self._values[key]
+        # TOML has ints and floats; a float option written as "3" is still meant as 3.0.
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise GatewayConfigError(f"{self._where}.{key} has the wrong type: {value!r}")
+        return value
+
+    def table(self, key: str) -> dict[str, Any]:
+        self._read.add(key)
+        value = self._values.get(key, {})
+        if not isinstance(value, dict):
+            raise GatewayConfigError(f"{self._where}.{key} must be a table")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._values) - self._read)
+        if unknown:
+            raise GatewayConfigError(f"{self._where}: unknown keys {unknown}")
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _int_table(values: dict[str, Any], where: str) -> dict[str, int]:
+    for camera, start in values.items():
+        if not isinstance(start, int) or isinstance(start, bool):
+            raise GatewayConfigError(f"{where}.{camera} must be an integer address")
+    return dict(values)
+
+
+def _node_overrides(values: dict[str, Any], where: str) -> dict[str, dict[str, str | list[str]]]:
+    overrides: dict[str, dict[str, str | list[str]]] = {}
+    for camera, tags in values.items():
+        if not isinstance(tags, dict):
+            raise GatewayConfigError(f"{where}.{camera} must be a table of tag = node id")
+        for tag, node in tags.items():
+            is_list = isinstance(node, list) and len(node) == 4 and all(isinstance(n, str) for n in node)
+            if not isinstance(node, str) and not (tag == "BBox" and is_list):
+                raise GatewayConfigError(f"{where}.{camera}.{tag} must be a node id string (BBox: or 4 of them)")
+        overrides[camera] = dict(tags)
+    return overrides
+
+
+def _adapter(name: str, values: Any, camera_ids: list[str]) -> AdapterConfig:
+    where = f"adapters.{name}"
+    table = _Table(values, where)
+    kind = table.get("type", str, None)
+    if kind not in ADAPTER_TYPES:
+        raise GatewayConfigError(f"{where}.type must be one of {ADAPTER_TYPES}, got {kind!r}")
+    cameras = tuple(table.get("cameras", list, []) or camera_ids)
+    adapter: AdapterConfig
+    if kind == "opcua-server":
+        adapter = OpcUaServerConfig(
+            name=name,
+            cameras=cameras,
+            endpoint=table.get("endpoint", str, DEFAULT_OPCUA_ENDPOINT),
+            namespace=table.get("namespace", str, DEFAULT_NAMESPACE),
+        )
+    elif kind == "opcua-client":
+        adapter = OpcUaClientConfig(
+            name=name,
+            cameras=cameras,
+            url=table.get("url", str, "opc.tcp://127.0.0.1:4840"),
+            node_template=table.get("node_template", str, DEFAULT_NODE_TEMPLATE),
+            nodes=_node_overrides(table.table("nodes"), f"{where}.nodes"),
+            tags=tuple(table.get("tags", list, [])),
+            timeout_s=table.get("timeout_s", float, 2.0),
+        )
+    elif kind == "s7":
+        offset = {camera: index * 64 for index, camera in enumerate(cameras)}
+        offset.update(_int_table(table.table("offset"), f"{where}.offset"))
+        adapter = S7Config(
+            name=name,
+            cameras=cameras,
+            host=table.get("host", str, "127.0.0.1"),
+            port=table.get("port", int, 102),
+            rack=table.get("rack", int, 0),
+            slot=table.get("slot", int, 1),
+            db=table.get("db", int, 1),
+            offset=offset,
+            timeout_s=table.get("timeout_s", float, 2.0),
+        )
+    else:
+        base_table = table.table("base")
+        base = {camera: index * MODBUS_BLOCK_REGISTERS for index, camera in enumerate(cameras)}
+        base.update(_int_table(base_table, f"{where}.base"))
+        adapter = ModbusConfig(
+            name=name,
+            cameras=cameras,
+            mode=kind.removeprefix("modbus-"),
+            host=table.get("host", str, "127.0.0.1"),
+            port=table.get("port", int, 502),
+            unit_id=table.get("unit_id", int, 1),
+            word_order=table.get("word_order", str, "big"),
+            base=base,
+            timeout_s=table.get("timeout_s", float, 1.0),
+        )
+    table.finish()
+    return adapter
+
+
+def parse_config(values: dict[str, Any], where: str = "config") -> GatewayConfig:
+    """A GatewayConfig from parsed TOML (validated)."""
+    top = _Table(values, where)
+    gateway = _Table(top.table("gateway"), "gateway")
+    cameras: list[CameraConfig] = []
+    for camera_id, camera_values in top.table("cameras").items():
+        table = _Table(camera_values, f"cameras.{camera_id}")
+        cameras.append(
+            CameraConfig(
+                camera_id=camera_id,
+                handshake=table.get("handshake", bool, False),
+                trigger_timeout_s=table.get("trigger_timeout_s", float, 0.0),
+                handshake_adapter=table.get("handshake_adapter", str, None),
+            )
+        )
+        table.finish()
+    camera_ids = [camera.camera_id for camera in cameras]
+    adapters = [_adapter(name, adapter_values, camera_ids) for name, adapter_values in top.table("adapters").items()]
+    config = GatewayConfig(
+        cameras=tuple(cameras),
+        adapters=tuple(adapters),
+        results=gateway.get("results", str, DEFAULT_RESULTS),
+        fail_safe_s=gateway.get("fail_safe_s", float, 3.0),
+        heartbeat_s=gateway.get("heartbeat_s", float, 1.0),
+        handshake_poll_s=gateway.get("handshake_poll_s", float, 0.02),
+        write_timeout_s=gateway.get("write_timeout_s", float, 2.0),
+        reconnect=ReconnectPolicy(
+            initial_s=gateway.get("reconnect_initial_s", float, 0.5),
+            max_s=gateway.get("reconnect_max_s", float, 10.0),
+        ),
+        curve_secret=_path(gateway.get("curve_secret", str, None)),
+        curve_server_public=_path(gateway.get("curve_server_public", str, None)),
+    )
+    gateway.finish()
+    top.finish()
+    config.validate()
+    return config
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise GatewayConfigError(f"cannot read gateway config {path}: {err}") from err
+    return parse_config(values, str(path))

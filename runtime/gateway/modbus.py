@@ -1,0 +1,221 @@
+"""Modbus TCP adapters (pymodbus): a client writing a PLC's holding registers, and a server that
+PLCs poll. Both use one register map per camera (docs/gateway.md), starting at the camera's base:
+
+    offset  registers  tag                       type
+    0       1          Status bits               bit 0 Ready, 1 Busy, 2 ResultValid, 3 OK, 4 NG,
+                                                 5 Heartbeat, 6 Fault
+    1       1          ResultCode                UINT16
+    2       1          ErrorCode                 UINT16
+    3       2          Score                     FLOAT32 (IEEE 754), word order configurable
+    5       2          DefectArea                UINT32, word order configurable
+    7       4          BBox x, y, w, h           UINT16 each
+    11      2          InspectionID              UINT32, word order configurable
+    13      8          ModelVersion              16 ASCII chars, 2 per register (high byte first)
+    21      2          Trigger       (PLC)       UINT32, word order configurable
+    23      2          ResultsAck    (PLC)       UINT32, word order configurable
+    25      7          reserved
+
+The gateway writes offsets 0..20 in ONE request (function 16): Modbus servers apply a request as a
+whole, so a PLC never reads a new ResultValid next to old data. Offsets 21..24 belong to the PLC.
+Bytes inside a register are big-endian (Modbus); only the order of the two words of a 32-bit
+value differs between PLC makes, hence ``word_order``: "big" = high word first (Modicon, most
+PLCs), "little" = low word first.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from llb_edge.runtime.gateway.adapters import Adapter, HandshakeInputs, Tags
+from llb_edge.runtime.gateway.config import MODBUS_BLOCK_REGISTERS, ModbusConfig
+
+STATUS_BITS = ("Ready", "Busy", "ResultValid", "OK", "NG", "Heartbeat", "Fault")
+OFFSETS = {
+    "Status": 0,
+    "ResultCode": 1,
+    "ErrorCode": 2,
+    "Score": 3,
+    "DefectArea": 5,
+    "BBox": 7,
+    "InspectionID": 11,
+    "ModelVersion": 13,
+    "Trigger": 21,
+    "ResultsAck": 23,
+}
+WRITTEN_REGISTERS = 21  # offsets 0..20: everything the gateway owns
+MODEL_VERSION_CHARS = 16
+FC_READ_HOLDING = 3
+FC_WRITE_MULTIPLE = 16
+
+
+def _words(data: bytes, word_order: str) -> list[int]:
+    """Big-endian 16-bit words of ``data``, the word order reversed for "little"."""
+    words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+    return words[::-1] if word_order == "little" else words
+
+
+def _from_words(words: list[int], word_order: str) -> bytes:
+    ordered = words[::-1] if word_order == "little" else words
+    return b"".join(word.to_bytes(2, "big") for word in ordered)
+
+
+def float32_to_registers(value: float, word_order: str) -> list[int]:
+    return _words(struct.pack(">f", value), word_order)
+
+
+def uint32_to_registers(value: int, word_order: str) -> list[int]:
+    return _words(struct.pack(">I", value & 0xFFFFFFFF), word_order)
+
+
+def registers_to_float32(words: list[int], word_order: str) -> float:
+    return struct.unpack(">f", _from_words(words, word_order))[0]
+
+
+def registers_to_uint32(words: list[int], word_order: str) -> int:
+    return struct.unpack(">I", _from_words(words, word_order))[0]
+
+
+def encode_block(tags: Tags, word_order: str) -> list[int]:
+    """The WRITTEN_REGISTERS registers of one camera's block."""
+    values = tags.by_name()
+    status = sum(1 << bit for bit, name in enumerate(STATUS_BITS) if values[name])
+    text = tags.model_version.encode("ascii", "replace")[:MODEL_VERSION_CHARS].ljust(MODEL_VERSION_CHARS, b"\0")
+    registers = [status, tags.result_code & 0xFFFF, tags.error_code & 0xFFFF]
+    registers += float32_to_registers(tags.score, word_order)
+    registers += uint32_to_registers(tags.defect_area, word_order)
+    registers += [side & 0xFFFF for side in tags.bbox]
+    registers += uint32_to_registers(tags.inspection_id, word_order)
+    registers += _words(text, "big")  # text is a byte string, not a number: no word swapping
+    assert len(registers) == WRITTEN_REGISTERS
+    return registers
+
+
+def decode_block(registers: list[int], word_order: str) -> dict[str, Any]:
+    """Tag values from a camera block read back (at least WRITTEN_REGISTERS registers; 25 with the
+    PLC's Trigger/ResultsAck). For tools, demos and tests: the PLC does this in its own program."""
+    status = registers[0]
+    values: dict[str, Any] = {name: bool(status >> bit & 1) for bit, name in enumerate(STATUS_BITS)}
+    values["ResultCode"] = registers[1]
+    values["ErrorCode"] = registers[2]
+    values["Score"] = registers_to_float32(registers[3:5], word_order)
+    values["DefectArea"] = registers_to_uint32(registers[5:7], word_order)
+    values["BBox"] = list(registers[7:11])
+    values["InspectionID"] = registers_to_uint32(registers[11:13], word_order)
+    values["ModelVersion"] = _from_words(registers[13:21], "big").rstrip(b"\0").decode("ascii", "replace")
+    if len(registers) >= 25:
+        values["Trigger"] = registers_to_uint32(registers[21:23], word_order)
+        values["ResultsAck"] = registers_to_uint32(registers[23:25], word_order)
+    return values
+
+
+class _ModbusAdapter(Adapter):
+    def __init__(self, settings: ModbusConfig) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.cameras = settings.cameras
+
+    async def _write_registers(self, address: int, registers: list[int]) -> None:
+        raise NotImplementedError
+
+    async def _read_registers(self, address: int, count: int) -> list[int]:
+        raise NotImplementedError
+
+    async def write_result(self, camera_id: str, tags: Tags) -> None:
+        await self._write_registers(self.settings.base_of(camera_id), encode_block(tags, self.settings.word_order))
+
+    async def write_health(self, camera_id: str, tags: Tags) -> None:
+        # The whole block is one request anyway; writing it all keeps it consistent.
+        await self.write_result(camera_id, tags)
+
+    async def read_handshake(self, camera_id: str) -> HandshakeInputs:
+        words = await self._read_registers(self.settings.base_of(camera_id) + OFFSETS["Trigger"], 4)
+        order = self.settings.word_order
+        return HandshakeInputs(trigger=registers_to_uint32(words[:2], order), ack=registers_to_uint32(words[2:], order))
+
+
+class ModbusClientAdapter(_ModbusAdapter):
+    """Writes each camera's block into a PLC's holding registers (the PLC is the Modbus server)."""
+
+    def __init__(self, settings: ModbusConfig) -> None:
+        super().__init__(settings)
+        self._client: AsyncModbusTcpClient | None = None
+
+    async def connect(self) -> None:
+        # reconnect_delay=0 turns off pymodbus' own reconnecting: the runner does it, with the
+        # same backoff and logging for every protocol.
+        client = AsyncModbusTcpClient(
+            self.settings.host,
+            port=self.settings.port,
+            timeout=self.settings.timeout_s,
+            retries=0,
+            reconnect_delay=0,
+        )
+        self._client = client
+        if not await client.connect():
+            raise ConnectionError(f"cannot connect to Modbus server {self.settings.host}:{self.settings.port}")
+
+    def _connected_client(self) -> AsyncModbusTcpClient:
+        if self._client is None or not self._client.connected:
+            raise ConnectionError("Modbus connection lost")
+        return self._client
+
+    async def _write_registers(self, address: int, registers: list[int]) -> None:
+        response = await self._connected_client().write_registers(address, registers, device_id=self.settings.unit_id)
+        if response.isError():
+            raise ConnectionError(f"Modbus write at {address} refused: {response}")
+
+    async def _read_registers(self, address: int, count: int) -> list[int]:
+        response = await self._connected_client().read_holding_registers(
+            address, count=count, device_id=self.settings.unit_id
+        )
+        if response.isError():
+            raise ConnectionError(f"Modbus read at {address} refused: {response}")
+        return list(response.registers)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+class ModbusServerAdapter(_ModbusAdapter):
+    """Hosts the register map on a Modbus TCP server; the PLC polls it and writes its handshake."""
+
+    def __init__(self, settings: ModbusConfig) -> None:
+        super().__init__(settings)
+        self._server: ModbusTcpServer | None = None
+
+    def _device(self) -> SimDevice:
+        # One block of registers per camera; addresses outside them answer ILLEGAL ADDRESS.
+        blocks = [
+            SimData(address=self.settings.base_of(camera_id), count=MODBUS_BLOCK_REGISTERS, datatype=DataType.REGISTERS)
+            for camera_id in self.cameras
+        ]
+        # id 0: answer every unit id, as PLC drivers differ in the unit id they send to a gateway.
+        return SimDevice(id=0, simdata=blocks)
+
+    async def connect(self) -> None:
+        server = ModbusTcpServer(self._device(), address=(self.settings.host, self.settings.port))
+        await server.serve_forever(background=True)
+        self._server = server
+
+    def _running(self) -> ModbusTcpServer:
+        if self._server is None:
+            raise ConnectionError("Modbus server not started")
+        return self._server
+
+    async def _write_registers(self, address: int, registers: list[int]) -> None:
+        await self._running().async_setValues(0, FC_WRITE_MULTIPLE, address, registers)
+
+    async def _read_registers(self, address: int, count: int) -> list[int]:
+        return list(await self._running().async_getValues(0, FC_READ_HOLDING, address, count))
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            await server.shutdown()
