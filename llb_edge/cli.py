@@ -106,13 +106,16 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     weights: Annotated[str | None, typer.Option(help="Backbone weights, if not at the path the run recorded.")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 (autocast; writes metrics_bf16.json).")] = "fp32",
 ) -> None:
     """Evaluate a trained run on its test split; writes metrics.json and overlays/ into the run."""
     setup_logging(False)
     from llb_edge.trainer.pipeline import run_evaluation
 
+    if precision not in ("fp32", "bf16"):
+        fail(f"--precision must be fp32 or bf16, got {precision!r}")
     try:
-        metrics = run_evaluation(run_dir, device, weights)
+        metrics = run_evaluation(run_dir, device, weights, precision)
     except USER_ERRORS as err:
         fail(str(err))
     typer.echo(json.dumps(metrics, indent=2))
@@ -272,6 +275,9 @@ def bench_contamination(
     ks: Annotated[str, typer.Option(help="k values for the ablation, comma-separated.")] = "1,3,5,7",
     variants: Annotated[str, typer.Option(help="none,dinomaly,knn (comma-separated).")] = "none,dinomaly,knn",
     ablation_alphas: Annotated[str | None, typer.Option(help="Alphas for the k ablation (default: largest).")] = None,
+    ablation_submodel: Annotated[str, typer.Option(help="Sub-model of the k ablation: dinomaly | knn.")] = (
+        "dinomaly"
+    ),
     out: Annotated[Path, typer.Option(help="Output folder (resumable).")] = Path("bench_out/contamination"),
     config: ConfigOption = None,
     overrides: SetOption = None,
@@ -288,7 +294,7 @@ def bench_contamination(
         table = run_contamination_bench(
             cfg, alphas=floats(alphas), ks=tuple(int(k) for k in floats(ks)), out_dir=out,
             variants=tuple(v.strip() for v in variants.split(",")),
-            ablation_alphas=floats(ablation_alphas) if ablation_alphas else None,
+            ablation_alphas=floats(ablation_alphas) if ablation_alphas else None, ablation_submodel=ablation_submodel,
         )
     except USER_ERRORS as err:
         fail(str(err))

@@ -271,6 +271,9 @@ def screen(
         if rank == 0:
             write_json(stage_dir / SUMMARY, summary)
     log.info("stage 1: kept %d of %d images (threshold %.5f)", len(kept), len(paths), summary["threshold"])
+    if summary["labels_known"]:
+        log.info("stage 1: anomaly fraction %.1f%% before screening, %.1f%% in the kept set",
+                 100 * summary["anomaly_fraction_before"], 100 * summary["anomaly_fraction_after"])
     return result
 
 

@@ -69,12 +69,13 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     geometry = Geometry(cfg.data.resize, cfg.data.crop)
-    split = load_split(cfg)
-    log.info("dataset %s", split.summary())
-
+    # The model first: a wrong weights file should fail before minutes of image checks.
     torch.manual_seed(cfg.train.seed)
     model, backbone = create_dinomaly(cfg.model.encoder, cfg.data.crop, cfg.model.weights, cfg.model.dropout)
     model.to(device)
+    split = load_split(cfg)
+    log.info("dataset %s", split.summary())
+
     images = load_model_inputs(split.train, geometry, desc="loading training images")
     t0 = time.perf_counter()
     features = EncodedImages.from_config(model, images, device, cfg.train, spill_dir=run_dir)
@@ -129,11 +130,19 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
     return run_dir
 
 
-def run_evaluation(run_dir: Path, device: str = "auto", weights: str | None = None) -> dict[str, float]:
-    """`llb-edge eval`: re-evaluate a finished run on its test split."""
+def run_evaluation(
+    run_dir: Path, device: str = "auto", weights: str | None = None, precision: str = "fp32"
+) -> dict[str, float]:
+    """`llb-edge eval`: re-evaluate a finished run on its test split (fp32, or under bf16 autocast).
+
+    fp32 results go to metrics.json; bf16 results to metrics_bf16.json, so both can be compared.
+    """
     target = runs.resolve_device(device)
     inspection, cfg, _ = runs.load_inspection_model(run_dir, str(target), weights)
     split = load_split(cfg)
-    metrics = evaluate(inspection, split.test, Geometry(cfg.data.resize, cfg.data.crop), cfg.eval, target, run_dir)
-    runs.write_json(run_dir / runs.METRICS, metrics)
+    geometry = Geometry(cfg.data.resize, cfg.data.crop)
+    with torch.autocast(target.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        metrics = evaluate(inspection, split.test, geometry, cfg.eval, target,
+                           run_dir if precision == "fp32" else None)
+    runs.write_json(run_dir / (runs.METRICS if precision == "fp32" else f"metrics_{precision}.json"), metrics)
     return metrics
