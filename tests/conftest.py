@@ -46,6 +46,17 @@ def tiny_overrides(run_dir: Path, **extra: object) -> list[str]:
     return [f"{key}={value}" for key, value in values.items()]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread only adds contention (8x here)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run directory (stage 2 only), shared by exporter and runtime tests."""

@@ -6,21 +6,13 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 from conftest import MTD, tiny_overrides
 
 from llb_edge.config import DataConfig, load_config
 from llb_edge.data.readers import load_contaminated, load_dataset, realiad_split_dir
 from llb_edge.trainer.bench_contamination import run_contamination_bench
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.4])

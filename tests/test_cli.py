@@ -34,6 +34,7 @@ def test_train_writes_a_complete_run_and_eval_reproduces_it(tmp_path):
     train_list = [json.loads(line) for line in (run / "train_list.jsonl").read_text().splitlines()]
     assert len(train_list) == metadata["train_images"] == 24 + int(0.1 * 24)  # contamination moved 2 defects in
     assert sum(item["label"] for item in train_list) == 2
+    assert metadata["train_paths"] == [item["path"] for item in train_list]
     first = json.loads((run / "metrics.json").read_text())
     assert {"i_auroc", "p_auroc", "aupro", "i_f1max"} <= first.keys()
 

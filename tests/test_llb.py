@@ -21,14 +21,7 @@ from llb_edge.runs import RunError
 from llb_edge.trainer import llb, submodels
 from llb_edge.trainer.llb import keep_count, screen, subset_positions
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only adds contention (8x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------ test doubles

@@ -114,7 +114,8 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
         "device": str(device),
         "precision": cfg.train.precision,
         "train_images": len(train_samples),
-        "train_list": runs.TRAIN_LIST,
+        "train_list": runs.TRAIN_LIST,  # with labels when known
+        "train_paths": [sample.path for sample in train_samples],
         "dataset": {"name": split.name, "train": len(split.train), "test": len(split.test)},
         "stages": sorted(stages),
         "screening": screening,
