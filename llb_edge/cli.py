@@ -9,12 +9,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from llb_edge.bundle import Bundle
 from llb_edge.errors import LLBEdgeError
+
+if TYPE_CHECKING:
+    from llb_edge.runtime.versions import VersionChange
 
 # Errors a user can fix: printed as one line, exit code 2. Anything else keeps its traceback.
 USER_ERRORS = (LLBEdgeError, FileNotFoundError, NotADirectoryError)
@@ -153,6 +156,19 @@ def serve(
     curve_secret: Annotated[Path | None, typer.Option(help="Server .key_secret: enables CURVE.")] = None,
     curve_allowed: Annotated[Path | None, typer.Option(help="Folder of allowed client .key files.")] = None,
     ort_threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all).")] = None,
+    capture_pool: Annotated[Path | None, typer.Option(help="Capture sampled frames into this pool folder.")] = None,
+    capture_rate: Annotated[float, typer.Option(help="Fraction of each camera's frames captured.")] = 0.0,
+    capture_camera_rate: Annotated[list[str] | None, typer.Option(
+        help="A camera's own capture rate, CAMERA=RATE (repeatable).")] = None,
+    capture_ng_rate: Annotated[float, typer.Option(help="NG frames captured with at least this probability.")] = 0.0,
+    capture_band: Annotated[float, typer.Option(
+        help="Near-threshold band, relative: |score - t| <= band * t (0: off).")] = 0.0,
+    capture_band_rate: Annotated[float, typer.Option(help="Near-threshold frames captured with this probability.")] = (
+        1.0),
+    capture_quota_mb: Annotated[float, typer.Option(help="Disk quota of the pool; oldest frames evicted.")] = 2048.0,
+    capture_queue: Annotated[int, typer.Option(help="Frames waiting for the writer before drops.")] = 32,
+    capture_queue_mb: Annotated[float, typer.Option(help="Bytes waiting for the writer before drops.")] = 256.0,
+    capture_fsync: Annotated[bool, typer.Option(help="fsync every captured frame.")] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING.")] = "INFO",
 ) -> None:
     """Serve a bundle on the line: frames in over ZeroMQ, OK/NG results and anomaly maps out.
@@ -160,17 +176,26 @@ def serve(
     Needs no torch. SIGTERM finishes in-flight frames and exits; SIGHUP (or `llb-edge ctl reload`)
     hot-reloads the bundle after a self-check. JSON logs go to stderr.
     """
+    from llb_edge.runtime.capture import CaptureOptions, parse_camera_rates
     from llb_edge.runtime.daemon import ServeOptions
     from llb_edge.runtime.daemon import serve as run_daemon
 
     port = off_or(health_port)
+    try:
+        capture = CaptureOptions(
+            pool_dir=capture_pool, rate=capture_rate, camera_rates=parse_camera_rates(capture_camera_rate or []),
+            ng_rate=capture_ng_rate, band=capture_band, band_rate=capture_band_rate, quota_mb=capture_quota_mb,
+            queue_size=capture_queue, queue_mb=capture_queue_mb, fsync=capture_fsync,
+        )
+    except ValueError as err:
+        fail(str(err))
     options = ServeOptions(
         intake=intake, intake_mode=intake_mode, intake_connect=intake_connect, results=results,
         control=off_or(control), health_host=health_host, health_port=None if port is None else int(port),
         backend=backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
         max_cameras=max_cameras, max_payload_bytes=max_payload_bytes, max_pixels=max_pixels,
         map_payload=map_payload, heartbeat_s=heartbeat_s, intake_hwm=intake_hwm, results_hwm=results_hwm,
-        curve_secret=curve_secret, curve_allowed=curve_allowed, ort_threads=ort_threads,
+        curve_secret=curve_secret, curve_allowed=curve_allowed, ort_threads=ort_threads, capture=capture,
     )
     try:
         options.validate()
@@ -422,6 +447,133 @@ def gateway(
     except USER_ERRORS as err:
         fail(str(err))
     raise typer.Exit(code)
+
+
+# ----------------------------------------------------------------------------- retraining (issue 7)
+
+NotifyOption = Annotated[
+    list[str] | None, typer.Option("--notify", help="Daemon control endpoint to hot-reload (repeatable).")
+]
+
+
+@app.command()
+def retrain(
+    pool: Annotated[Path, typer.Option(help="Capture pool folder (llb-edge serve --capture-pool).")],
+    versions: Annotated[Path | None, typer.Option(help="Versioned bundle folder to promote into.")] = None,
+    current: Annotated[Path | None, typer.Option(help="Bundle to compare with (default: --versions' current).")] = (
+        None),
+    notify: NotifyOption = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: Annotated[Path, typer.Option(help="Parent folder of retrain work folders.")] = Path("retrain"),
+    holdout: Annotated[float, typer.Option(help="Fraction of the pool held back for the comparison.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the held-back slice.")] = 0,
+    max_ng_rate_change: Annotated[float, typer.Option(help="Gate: largest |NG-rate change|.")] = 0.02,
+    max_disagreement: Annotated[float, typer.Option(help="Gate: largest fraction of changed decisions.")] = 0.05,
+    max_labeled_drop: Annotated[float, typer.Option(help="Gate: largest drop of a metric on labelled frames.")] = 0.02,
+    min_holdout: Annotated[int, typer.Option(help="Gate: fewest held-back frames to decide on.")] = 30,
+    precision: Annotated[list[str] | None, typer.Option(help="Candidate ONNX precisions (repeatable).")] = None,
+    backend: Annotated[str, typer.Option(help="Comparison backend: ort-cpu | ort-cuda.")] = "ort-cpu",
+    no_promote: Annotated[bool, typer.Option("--no-promote", help="Decide and report only.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Retrain from the line: LLB on the capture pool, a candidate bundle, a comparison report, and
+    promotion only if the gate passes. Exit code 1 when the gate fails or a daemon did not reload."""
+    setup_logging(verbose)
+    from llb_edge.trainer.retrain import GateConfig
+    from llb_edge.trainer.retrain import retrain as run_retrain
+
+    if current is None and versions is None:
+        fail("give --current BUNDLE_DIR or --versions ROOT (its current version is compared)")
+    gate = GateConfig(max_ng_rate_change=max_ng_rate_change, max_disagreement=max_disagreement,
+                      max_labeled_drop=max_labeled_drop, min_holdout=min_holdout)
+    try:
+        decision = run_retrain(
+            pool, current or versions, out, config=config, overrides=overrides or (), gate=gate,
+            holdout_fraction=holdout, seed=seed, versions_root=versions, notify_endpoints=notify or (),
+            promote_if_passed=not no_promote, precisions=tuple(precision or ("fp32", "fp16")), backend=backend,
+        )
+    except USER_ERRORS as err:
+        fail(str(err))
+    typer.echo(f"candidate {decision.candidate_version} vs current {decision.current_version}: gate "
+               f"{'passed' if decision.passed else 'FAILED'}")
+    for reason in decision.reasons:
+        typer.echo(f"  {reason}")
+    typer.echo(f"report: {decision.report_dir / 'report.html'}")
+    change = decision.promotion
+    if change is not None:
+        show_version_change(change)
+    elif decision.passed:
+        typer.echo(f"not promoted; install with: llb-edge promote {versions or 'ROOT'} {decision.candidate_dir}")
+    if not decision.passed or (change is not None and not change.all_reloaded):
+        raise typer.Exit(1)
+
+
+@app.command()
+def label(
+    pool: Annotated[Path, typer.Argument(help="Capture pool folder.")],
+    frames: Annotated[list[str], typer.Argument(help="Frames: file name, or camera/frame_id.")],
+    ok: Annotated[bool | None, typer.Option("--ok/--ng", help="Mark the frames OK or NG.")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove the frames' labels.")] = False,
+    by: Annotated[str | None, typer.Option(help="Who labels (default: user@host).")] = None,
+) -> None:
+    """Mark captured pool frames OK or NG (optional; used for evaluation only, never trained on)."""
+    from llb_edge.trainer.label import label_frames
+
+    if (ok is None) == (not clear):
+        fail("give exactly one of --ok, --ng or --clear")
+    try:
+        done = label_frames(pool, frames, None if clear else ("OK" if ok else "NG"), by=by)
+    except USER_ERRORS as err:
+        fail(str(err))
+    typer.echo(f"{'cleared' if clear else 'OK' if ok else 'NG'}: {len(done)} frame(s)")
+
+
+def show_version_change(change: VersionChange) -> None:
+    typer.echo(f"{change.action}: {change.previous} -> {change.version} ({change.bundle_dir})")
+    for endpoint, reply in change.notified.items():
+        state = f"serves {reply.get('model_version')}" if reply.get("ok") else f"NOT reloaded: {reply.get('error')}"
+        typer.echo(f"  {endpoint}: {state}")
+
+
+@app.command()
+def promote(
+    root: Annotated[Path, typer.Argument(help="Versioned bundle folder.")],
+    bundle: Annotated[Path, typer.Argument(help="Bundle to install as a new version.")],
+    report: Annotated[Path | None, typer.Option(help="Report folder kept beside the version.")] = None,
+    notify: NotifyOption = None,
+    reason: Annotated[str, typer.Option(help="Why (recorded in the history).")] = "manual promotion",
+    by: Annotated[str | None, typer.Option(help="Who (default: user@host).")] = None,
+) -> None:
+    """Install a bundle as the current version and hot-reload the daemons. Exit 1 if one did not reload."""
+    from llb_edge.runtime.versions import promote as run_promote
+
+    try:
+        change = run_promote(root, bundle, report, notify or (), reason=reason, by=by)
+    except USER_ERRORS as err:
+        fail(str(err))
+    show_version_change(change)
+    if not change.all_reloaded:
+        raise typer.Exit(1)
+
+
+@app.command()
+def rollback(
+    root: Annotated[Path, typer.Argument(help="Versioned bundle folder.")],
+    notify: NotifyOption = None,
+    reason: Annotated[str, typer.Option(help="Why (recorded in the history).")] = "manual rollback",
+    by: Annotated[str | None, typer.Option(help="Who (default: user@host).")] = None,
+) -> None:
+    """Return to the version promoted before the current one and hot-reload the daemons."""
+    from llb_edge.runtime.versions import rollback as run_rollback
+
+    try:
+        change = run_rollback(root, notify or (), reason=reason, by=by)
+    except USER_ERRORS as err:
+        fail(str(err))
+    show_version_change(change)
+    if not change.all_reloaded:
+        raise typer.Exit(1)
 
 
 def main() -> None:

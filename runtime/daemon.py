@@ -10,6 +10,8 @@ Threads and what they own (ZeroMQ sockets are not thread-safe, so each socket ha
 - publisher: the PUB socket. Sends results from an outbox queue and a heartbeat every interval.
 - control: the REP socket (reload, status, threshold).
 - health: HTTP /live /ready /metrics.
+- capture (optional, runtime/capture.py): writes a sampled fraction of inspected frames to a pool
+  folder for `llb-edge retrain`; the inference thread only hands it a reference, never waits on it.
 
 Hot reload: the new bundle is loaded and self-checked on the control thread while the old model
 keeps serving; the swap is a single reference assignment that the inference thread picks up at
@@ -31,7 +33,7 @@ import signal
 import threading
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ from llb_edge.protocol import (
     encode_result,
 )
 from llb_edge.runtime.backends import BACKEND_CHOICES, Backend, create_backend, self_check
+from llb_edge.runtime.capture import CaptureOptions, FrameCapture
 from llb_edge.runtime.control import ControlRequest, parse_control_request
 from llb_edge.runtime.frames import DEFAULT_MAX_PIXELS, Frame, FrameQueues, decode_frame_image
 from llb_edge.runtime.health import (
@@ -64,6 +67,7 @@ from llb_edge.runtime.health import (
 from llb_edge.runtime.keys import ClientAllowList, configure_server
 from llb_edge.runtime.logs import RateLimitedLog, configure_json_logging, get_logger, log_event
 from llb_edge.runtime.postprocess import ModelIdentity, error_result, inspection_result, pixel_threshold_of
+from llb_edge.runtime.versions import resolve_bundle_dir
 
 DEFAULT_INTAKE = "tcp://127.0.0.1:5555"
 DEFAULT_RESULTS = "tcp://127.0.0.1:5556"
@@ -105,6 +109,7 @@ class ServeOptions:
     curve_secret: Path | None = None  # server .key_secret: enables CURVE on intake and results
     curve_allowed: Path | None = None  # folder of allowed client .key files (required with CURVE)
     ort_threads: int | None = None  # ONNX Runtime intra-op threads; None: all cores
+    capture: CaptureOptions = field(default_factory=CaptureOptions)  # frame capture for retraining; off by default
 
     def validate(self) -> None:
         problems = []
@@ -121,6 +126,7 @@ class ServeOptions:
             problems.append("max_wait_ms must be >= 0 and heartbeat_s > 0")
         if (self.curve_secret is None) != (self.curve_allowed is None):
             problems.append("CURVE needs both curve_secret (server key) and curve_allowed (client keys folder)")
+        problems += self.capture.problems()
         if problems:
             raise ValueError("invalid serve options: " + "; ".join(problems))
 
@@ -152,8 +158,12 @@ class ServingModel:
 
 
 def load_serving_model(bundle_dir: str | Path, options: ServeOptions) -> ServingModel:
-    """Load a bundle (checksums verified), create its backend and self-check it; raises if unusable."""
-    bundle = load_bundle(bundle_dir, verify=True)
+    """Load a bundle (checksums verified), create its backend and self-check it; raises if unusable.
+
+    ``bundle_dir`` may also be a versions root (runtime/versions.py): its current version is loaded,
+    so a reload without a path follows `llb-edge promote` / `rollback`.
+    """
+    bundle = load_bundle(resolve_bundle_dir(bundle_dir), verify=True)
     manifest = bundle.manifest
     geometry = Geometry(resize=manifest.preprocessing.resize, crop=manifest.preprocessing.crop)
     backend = create_backend(bundle, options.backend, max_batch=options.max_batch, intra_op_threads=options.ort_threads)
@@ -223,6 +233,9 @@ class Daemon:
         self._heartbeat_seq = 0
         self._error_log = RateLimitedLog(logger)
         self.metrics.registry.add_collector(self._collect_gauges)
+        self.capture: FrameCapture | None = None
+        if self.options.capture.enabled:
+            self.capture = FrameCapture(self.options.capture, self.metrics.registry)
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -231,6 +244,8 @@ class Daemon:
         sockets: list[zmq.Socket] = []
         try:
             self._set_model(load_serving_model(self.bundle_dir, self.options))
+            if self.capture is not None:
+                self.capture.start()  # an unusable pool folder is a configuration error: refuse to start
             if self.options.curve_allowed is not None:
                 self._allow_list = ClientAllowList(self._context, self.options.curve_allowed)
             intake = self._intake_socket()
@@ -252,6 +267,8 @@ class Daemon:
         except BaseException:
             for sock in sockets:
                 sock.close(linger=0)
+            if self.capture is not None:
+                self.capture.stop(1.0)
             self._shutdown_resources()
             self._stopped.set()
             raise
@@ -296,6 +313,8 @@ class Daemon:
         with contextlib.suppress(queue.Full):
             self._outbox.put(None, timeout=max(0.1, deadline - time.monotonic()))
         self._join("llb-publisher", deadline)
+        if self.capture is not None:
+            self.capture.stop(max(0.1, deadline - time.monotonic()))
         self._shutdown_resources()
         self._stopped.set()
         log_event(logger, logging.INFO, "stopped", queued_at_stop=queued_at_stop, **self._totals())
@@ -538,6 +557,13 @@ class Daemon:
             else:
                 self.metrics.frames.inc(camera=header.camera_id, decision=str(result.decision))
             self._publish(encode_result(result, payload))
+            if self.capture is not None and result.error is None:
+                # After publishing: the result never waits on capture, and offer() itself is O(1).
+                self.capture.offer(
+                    frame.image, camera_id=header.camera_id, frame_id=header.frame_id, capture_ts=header.capture_ts,
+                    score=float(result.score), decision=result.decision, threshold=model.threshold,
+                    model_id=model.identity.model_id, model_version=model.identity.model_version,
+                )
 
     # ---------------------------------------------------------------------------- publishing
 
@@ -724,6 +750,7 @@ class Daemon:
             "queue_capacity": self._queues.capacity,
             "queue_peak_depth": self._queues.peak_depth,
             "errors": {key[0]: value for key, value in self.metrics.errors.items().items()},
+            "capture": self.capture.stats() if self.capture is not None else None,
             **self._totals(),
         }
 

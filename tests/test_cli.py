@@ -81,7 +81,9 @@ def test_eval_of_a_missing_run_says_so(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "eval", "export", "bundle", "serve", "replay", "watch", "ctl", "keys", "gateway", "bench"]
+    "command",
+    ["train", "eval", "export", "bundle", "serve", "replay", "watch", "ctl", "keys", "gateway", "bench", "retrain",
+     "label", "promote", "rollback"],
 )
 def test_every_command_explains_itself(command):
     result = runner.invoke(app, [command, "--help"])
