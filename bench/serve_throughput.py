@@ -81,7 +81,6 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -109,6 +108,7 @@ from llb_edge.bundle import (
 )
 from llb_edge.data.transforms import Geometry
 from llb_edge.protocol import ErrorCode, Heartbeat, ResultHeader, decode_published, encode_frame, raw_frame_header
+from llb_edge.runtime.supervise import DaemonProcess
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -240,62 +240,6 @@ def cached_bundle(args: argparse.Namespace) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ daemon
-
-
-class DaemonProcess:
-    """`llb-edge serve` in a subprocess; its JSON log lines are parsed for events."""
-
-    def __init__(self, command: list[str]) -> None:
-        self.command = command
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            with contextlib.suppress(json.JSONDecodeError):
-                entry = json.loads(line)
-                if isinstance(entry, dict):
-                    self.events.put(entry)
-
-    def wait_for(self, event: str, timeout_s: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                entry = self.events.get(timeout=0.2)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-                continue
-            if entry.get("event") == event:
-                return entry
-        raise RuntimeError(f"no {event!r} event from the daemon; its stderr:\n{''.join(self.lines)[-3000:]}")
-
-    def logged(self, event: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.lines:
-            with contextlib.suppress(json.JSONDecodeError):
-                entry = json.loads(line)
-                if isinstance(entry, dict) and entry.get("event") == event:
-                    found.append(entry)
-        return found
-
-    def stop(self, timeout_s: float = 60.0) -> dict[str, Any] | None:
-        """SIGTERM (graceful: queued frames are finished); returns the daemon's 'stopped' event."""
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self._reader.join(timeout=5)
-        stopped = self.logged("stopped")
-        return stopped[-1] if stopped else None
 
 
 def daemon_command(bundle: Path, args: argparse.Namespace) -> list[str]:
@@ -771,7 +715,7 @@ def main() -> None:
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     command = daemon_command(bundle, args)
     print("daemon: " + " ".join(command), file=sys.stderr)
-    daemon = DaemonProcess(command)
+    daemon = DaemonProcess(command, cwd=REPO)
     spawn = mp.get_context("spawn")
     results: list[dict[str, Any]] = []
     stopped = None

@@ -15,11 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import shutil
-import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -49,6 +46,7 @@ from llb_edge.protocol import (
 )
 from llb_edge.runtime.daemon import Daemon, ServeOptions
 from llb_edge.runtime.keys import configure_client
+from llb_edge.runtime.supervise import DaemonProcess
 
 REPO = Path(__file__).resolve().parents[2]
 ANY_PORT = "tcp://127.0.0.1:*"
@@ -307,49 +305,15 @@ def wait_until(condition: Any, timeout_s: float = 10.0, what: str = "condition")
 # ------------------------------------------------------------------------------ daemon processes
 
 
-class DaemonProcess:
-    """`llb-edge serve` in a subprocess (optionally with torch made unimportable), its JSON logs parsed."""
-
-    def __init__(self, args: list[str], *, block_torch: bool = False) -> None:
-        if block_torch:
-            # sys.modules["torch"] = None makes every `import torch` fail, as on a line PC without it.
-            program = (
-                "import sys; sys.modules['torch'] = None; "
-                "from llb_edge.cli import main; sys.argv[0] = 'llb-edge'; sys.exit(main())"
-            )
-            command = [sys.executable, "-c", program, "serve", *args]
-        else:
-            command = [sys.executable, "-m", "llb_edge.cli", "serve", *args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-        self.logs: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read_logs, daemon=True)
-        self._reader.start()
-
-    def _read_logs(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            with contextlib.suppress(json.JSONDecodeError):
-                entry = json.loads(line)
-                if isinstance(entry, dict):
-                    self.logs.put(entry)
-
-    def wait_for_event(self, event: str, timeout_s: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                entry = self.logs.get(timeout=0.1)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-                continue
-            if entry.get("event") == event:
-                return entry
-        raise AssertionError(f"no {event!r} log from the daemon; its stderr:\n{''.join(self.lines)[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
+def daemon_process(args: list[str], *, block_torch: bool = False) -> DaemonProcess:
+    """`llb-edge serve ARGS` in a subprocess; with ``block_torch`` torch cannot be imported in it."""
+    if block_torch:
+        # sys.modules["torch"] = None makes every `import torch` fail, as on a line PC without it.
+        program = (
+            "import sys; sys.modules['torch'] = None; "
+            "from llb_edge.cli import main; sys.argv[0] = 'llb-edge'; sys.exit(main())"
+        )
+        command = [sys.executable, "-c", program, "serve", *args]
+    else:
+        command = [sys.executable, "-m", "llb_edge.cli", "serve", *args]
+    return DaemonProcess(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})

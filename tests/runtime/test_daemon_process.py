@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runtime_harness import ANY_PORT, Client, DaemonProcess, flat_frame, square_frame
+from runtime_harness import ANY_PORT, Client, daemon_process, flat_frame, square_frame
 
 from llb_edge.bundle import set_threshold
 
@@ -27,9 +27,10 @@ def _daemon_args(bundle: Path, *extra: str) -> list[str]:
 def test_sigterm_finishes_in_flight_frames(bundle_dir: Path) -> None:
     # A batch waits up to 2 s to fill (max-batch above what is sent): the frames are still queued
     # when SIGTERM arrives, and must be inspected and published before the process exits.
-    daemon = DaemonProcess(_daemon_args(bundle_dir, "--max-batch", "64", "--max-wait-ms", "2000", "--queue-size", "64"))
+    args = _daemon_args(bundle_dir, "--max-batch", "64", "--max-wait-ms", "2000", "--queue-size", "64")
+    daemon = daemon_process(args)
     try:
-        serving = daemon.wait_for_event("serving")
+        serving = daemon.wait_for("serving")
         with Client(serving["intake"], serving["results"]) as client:
             sent = 20
             for frame_id in range(sent):
@@ -42,16 +43,16 @@ def test_sigterm_finishes_in_flight_frames(bundle_dir: Path) -> None:
         assert daemon.process.wait(timeout=20) == 0
         assert sorted(h.frame_id for h in headers) == list(range(sent))
         assert all(h.decision == ("NG" if h.frame_id % 2 else "OK") for h in headers)
-        stopped = daemon.wait_for_event("stopped")
+        stopped = daemon.wait_for("stopped")
         assert stopped["queued_at_stop"] == sent and stopped["frames"] == sent
     finally:
         daemon.stop()
 
 
 def test_serves_without_torch_and_reloads_on_sighup(bundle_dir: Path) -> None:
-    daemon = DaemonProcess(_daemon_args(bundle_dir), block_torch=True)
+    daemon = daemon_process(_daemon_args(bundle_dir), block_torch=True)
     try:
-        serving = daemon.wait_for_event("serving")
+        serving = daemon.wait_for("serving")
         assert serving["backend"] == "ort-cpu"
         with Client(serving["intake"], serving["results"]) as client:
             client.send_frame("cam-a", 1, flat_frame(40, 50))
@@ -63,7 +64,7 @@ def test_serves_without_torch_and_reloads_on_sighup(bundle_dir: Path) -> None:
         # SIGHUP re-reads bundle.json: an operator raised the threshold above the square's 0.5.
         set_threshold(bundle_dir, 0.6, set_by="test")
         daemon.process.send_signal(signal.SIGHUP)
-        assert daemon.wait_for_event("reloaded")["threshold"] == 0.6
+        assert daemon.wait_for("reloaded")["threshold"] == 0.6
         with Client(serving["intake"], serving["results"]) as client:
             client.send_frame("cam-a", 4, square_frame(40, 50, (10, 10, 20, 20)))
             (header,) = client.headers(1)
