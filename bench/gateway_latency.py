@@ -68,9 +68,9 @@ sys.exit(serve(sys.argv[1], options, log_level="WARNING"))
 """
 GATEWAY = """
 import sys
-from llb_edge.runtime.gateway import run_gateway
-sys.exit(run_gateway(None, sys.argv[1], cameras=["cam1"], opcua_endpoint=sys.argv[2], modbus_server=sys.argv[3],
-                     log_level="WARNING"))
+from llb_edge.runtime.gateway import build_config, run_gateway
+config = build_config(None, sys.argv[1], cameras=["cam1"], opcua_endpoint=sys.argv[2], modbus_server=sys.argv[3])
+sys.exit(run_gateway(config, log_level="WARNING"))
 """
 
 

@@ -438,15 +438,15 @@ def gateway(
     log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING.")] = "INFO",
 ) -> None:
     """Drive PLC tags (OPC UA, Modbus TCP, S7) from the daemon's results, with heartbeat and fail-safe."""
-    from llb_edge.runtime.gateway import run_gateway
+    from llb_edge.runtime.gateway import build_config, run_gateway
 
     try:
-        code = run_gateway(config, results, cameras=camera or (), opcua_endpoint=opcua,
-                           modbus_server=modbus_server, modbus_client=modbus_client, word_order=word_order,
-                           fail_safe_s=fail_safe_s, log_level=log_level)
+        settings = build_config(config, results, cameras=camera or (), opcua_endpoint=opcua,
+                                modbus_server=modbus_server, modbus_client=modbus_client, word_order=word_order,
+                                fail_safe_s=fail_safe_s)
     except USER_ERRORS as err:
         fail(str(err))
-    raise typer.Exit(code)
+    raise typer.Exit(run_gateway(settings, log_level=log_level))
 
 
 # ----------------------------------------------------------------------------- retraining (issue 7)

@@ -123,32 +123,13 @@ async def _serve(config: GatewayConfig, stop_event: threading.Event | None) -> i
 
 
 def run_gateway(
-    config_path: Path | None = None,
-    results_endpoint: str | None = None,
+    config: GatewayConfig,
     *,
-    cameras: Sequence[str] = (),
-    opcua_endpoint: str | None = None,
-    modbus_server: str | None = None,
-    modbus_client: str | None = None,
-    word_order: str | None = None,
-    fail_safe_s: float | None = None,
     log_level: str = "INFO",
     stop_event: threading.Event | None = None,
 ) -> int:
-    """`llb-edge gateway`: run until SIGINT/SIGTERM (or ``stop_event``); returns the exit code.
-
-    Raises GatewayConfigError for an invalid config or flags (before anything starts).
-    """
-    config = build_config(
-        config_path,
-        results_endpoint,
-        cameras=cameras,
-        opcua_endpoint=opcua_endpoint,
-        modbus_server=modbus_server,
-        modbus_client=modbus_client,
-        word_order=word_order,
-        fail_safe_s=fail_safe_s,
-    )
+    """`llb-edge gateway`: run ``config`` (from :func:`build_config`) until SIGINT/SIGTERM or
+    ``stop_event``; returns the exit code."""
     configure_json_logging(log_level)
     _quiet_protocol_libraries()
     log_event(

@@ -200,7 +200,10 @@ def test_run_gateway_entry_point_stops_on_its_event() -> None:
     codes: list[int] = []
     thread = threading.Thread(
         target=lambda: codes.append(
-            run_gateway(None, "tcp://127.0.0.1:1", modbus_server=f"127.0.0.1:{port}", fail_safe_s=0.2, stop_event=stop)
+            run_gateway(
+                build_config(None, "tcp://127.0.0.1:1", modbus_server=f"127.0.0.1:{port}", fail_safe_s=0.2),
+                stop_event=stop,
+            )
         )
     )
     thread.start()
