@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/serve_throughput.py [--fps 0 1] [--duration 30] [--frames N] [--frame-size 1024]
         [--bundle DIR | --encoder vit_small_patch14_dinov2 --size 392 --weights auto --precisions fp32
-         --ok-frames --rebuild] [--backend auto] [--max-batch 8] [--max-wait-ms 2] [--queue-size 4]
+         --ok-frames --rebuild] [--backend auto] [--max-batch 8] [--max-wait-ms 2] [--queue-size 8]
+        [--post-workers 2]
         [--ort-threads N] [--cameras 1] [--warmup 2] [--window N] [--json PATH]
 
 Three processes, as on a line PC:
@@ -21,10 +22,9 @@ Each ``--fps`` value is one phase against the same daemon, ``--duration`` second
 - ``--fps 0``: sustained throughput. The producer keeps at most ``--window`` frames per camera in
   flight (sent, not yet answered) and sends the next as soon as a result frees a slot, so the
   figure is the daemon's capacity, not how fast keep-newest can drop. The default window is the
-  camera's queue (``--queue-size``), plus one with a single camera: a batch's results are
-  published one by one and the next batch is taken only after the whole batch is post-processed,
-  so a larger window overfills a queue and turns into DROPPED frames. Latency in this mode
-  includes queueing inside the daemon.
+  camera's queue (``--queue-size``): with every in-flight frame queued at once the queue is just
+  full, and one frame more would be DROPPED. Latency in this mode includes queueing inside the
+  daemon.
 - ``--fps N``: N frames/s in total (round-robin over the cameras), never waiting for results; a
   daemon that cannot keep up answers the oldest queued frames DROPPED (reported as drops).
 
@@ -265,6 +265,8 @@ def daemon_command(bundle: Path, args: argparse.Namespace) -> list[str]:
         str(args.max_wait_ms),
         "--queue-size",
         str(args.queue_size),
+        "--post-workers",
+        str(args.post_workers),
     ]
     if args.ort_threads is not None:
         command += ["--ort-threads", str(args.ort_threads)]
@@ -595,11 +597,7 @@ def run_phase(
     subscriber.counters[phase] = done
     window = args.window
     if window is None and fps == 0:
-        # Per camera: its queue. One camera may have one more: it arrives while the camera's batch is
-        # still being post-processed, and the next batch is taken before it is queued. With several
-        # cameras a camera's last frame of a batch can be answered while another camera's are still
-        # post-processed; one more frame would then overfill its queue and be DROPPED.
-        window = args.queue_size + (1 if args.cameras == 1 else 0)
+        window = args.queue_size  # all in flight and queued at once fill the queue, never overfill it
     cfg = ProducerConfig(
         intake=intake,
         phase=phase,
@@ -671,7 +669,8 @@ def parse_args() -> argparse.Namespace:
     serve.add_argument("--backend", default="auto", help="auto | tensorrt | ort-cuda | ort-cpu.")
     serve.add_argument("--max-batch", type=int, default=8)
     serve.add_argument("--max-wait-ms", type=float, default=2.0)
-    serve.add_argument("--queue-size", type=int, default=4, help="Frames per camera (keep-newest).")
+    serve.add_argument("--queue-size", type=int, default=8, help="Frames per camera (keep-newest).")
+    serve.add_argument("--post-workers", type=int, default=2, help="Daemon threads post-processing results.")
     serve.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads (default: all cores).")
     load = parser.add_argument_group("load")
     load.add_argument(
@@ -749,7 +748,7 @@ def main() -> None:
         f"map {manifest.map_size}, threshold {manifest.threshold.value:.4g}), backend {backend}; "
         f"{args.frame_size}x{args.frame_size}x3 uint8 raw frames, "
         f"{args.cameras} camera(s); max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
-        f"queue {args.queue_size}/camera, ORT threads {args.ort_threads or 'all'}; "
+        f"queue {args.queue_size}/camera, {args.post_workers} post workers, ORT threads {args.ort_threads or 'all'}; "
         f"{args.duration:g} s per phase after {args.warmup} warm-up frame(s); sustained window "
         f"{next((r['window'] for r in results if r['window']), '-')} frames in flight per camera.\n"
     )

@@ -145,7 +145,9 @@ def serve(
     backend: Annotated[str, typer.Option(help="auto | tensorrt | ort-cuda | ort-cpu.")] = "auto",
     max_batch: Annotated[int, typer.Option(help="Largest batch the dynamic batcher forms.")] = 8,
     max_wait_ms: Annotated[float, typer.Option(help="How long the oldest frame may wait for a batch.")] = 2.0,
-    queue_size: Annotated[int, typer.Option(help="Frames queued per camera before keep-newest drops.")] = 4,
+    queue_size: Annotated[int, typer.Option(help="Frames queued per camera before keep-newest drops.")] = 8,
+    post_workers: Annotated[int, typer.Option(
+        help="Threads post-processing results (map resize, regions) while the next batch runs.")] = 2,
     max_cameras: Annotated[int, typer.Option(help="Distinct camera ids accepted.")] = 64,
     max_payload_bytes: Annotated[int, typer.Option(help="Larger frame payloads are refused.")] = 64 << 20,
     max_pixels: Annotated[int, typer.Option(help="Larger decoded frames are refused.")] = 64_000_000,
@@ -193,7 +195,7 @@ def serve(
         intake=intake, intake_mode=intake_mode, intake_connect=intake_connect, results=results,
         control=off_or(control), health_host=health_host, health_port=None if port is None else int(port),
         backend=backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
-        max_cameras=max_cameras, max_payload_bytes=max_payload_bytes, max_pixels=max_pixels,
+        post_workers=post_workers, max_cameras=max_cameras, max_payload_bytes=max_payload_bytes, max_pixels=max_pixels,
         map_payload=map_payload, heartbeat_s=heartbeat_s, intake_hwm=intake_hwm, results_hwm=results_hwm,
         curve_secret=curve_secret, curve_allowed=curve_allowed, ort_threads=ort_threads, capture=capture,
     )

@@ -6,7 +6,10 @@ Threads and what they own (ZeroMQ sockets are not thread-safe, so each socket ha
   resizes the image, and queues it in its camera's keep-newest queue. Bad messages become error
   results (when the camera and frame id are readable) and counters; nothing a sender does can
   stop the thread.
-- inference: takes dynamic batches from the queues, runs the backend, post-processes each frame.
+- inference: takes dynamic batches from the queues and runs the backend; each frame's outputs go to
+  a pool of post workers (map resize, region search, encoding) so the next batch need not wait.
+- post workers (``post_workers``): post-process inspected frames; the publisher sends their results
+  in inspection order, whichever worker finishes first.
 - publisher: the PUB socket. Sends results from an outbox queue and a heartbeat every interval.
 - control: the REP socket (reload, status, threshold).
 - health: HTTP /live /ready /metrics.
@@ -33,6 +36,7 @@ import signal
 import threading
 import time
 import types
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +102,8 @@ class ServeOptions:
     backend: str = "auto"  # auto | tensorrt | ort-cuda | ort-cpu
     max_batch: int = 8
     max_wait_ms: float = 2.0  # how long the oldest frame may wait for a batch to fill
-    queue_size: int = 4  # frames per camera before keep-newest drops the oldest
+    queue_size: int = 8  # frames per camera before keep-newest drops; >= max_batch: one camera fills a batch
+    post_workers: int = 2  # threads post-processing inspected frames while the next batch runs
     max_cameras: int = 64
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS  # decoded image size limit
@@ -119,7 +124,16 @@ class ServeOptions:
             problems.append(f"backend must be one of {BACKEND_CHOICES}")
         if self.map_payload not in MAP_PAYLOAD_CHOICES:
             problems.append(f"map_payload must be one of {MAP_PAYLOAD_CHOICES}")
-        for name in ("max_batch", "queue_size", "max_cameras", "max_payload_bytes", "max_pixels", "intake_hwm"):
+        positive = (
+            "max_batch",
+            "queue_size",
+            "post_workers",
+            "max_cameras",
+            "max_payload_bytes",
+            "max_pixels",
+            "intake_hwm",
+        )
+        for name in positive:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.max_wait_ms < 0 or self.heartbeat_s <= 0:
@@ -182,6 +196,22 @@ def load_serving_model(bundle_dir: str | Path, options: ServeOptions) -> Serving
     )
 
 
+Outgoing = list[Any] | Future  # encoded message parts, or a result still being post-processed
+
+
+@dataclass(frozen=True)
+class InspectedFrame:
+    """One frame's share of a batch's backend outputs, handed from inference to a post worker."""
+
+    frame: Frame
+    model: ServingModel
+    anomaly_map: np.ndarray
+    score: float
+    score_max: float
+    infer_started: float  # perf_counter when its batch went into the backend
+    infer_s: float
+
+
 class DaemonMetrics:
     """The daemon's Prometheus metrics (names documented in docs/protocol.md)."""
 
@@ -216,7 +246,12 @@ class Daemon:
         self.health_url: str | None = None
         self._context = zmq.Context()
         self._queues = FrameQueues(self.options.queue_size, self.options.max_cameras)
-        self._outbox: queue.Queue[list[Any] | None] = queue.Queue(maxsize=OUTBOX_LIMIT)
+        self._outbox: queue.Queue[Outgoing | None] = queue.Queue(maxsize=OUTBOX_LIMIT)
+        self._post_pool = ThreadPoolExecutor(self.options.post_workers, thread_name_prefix="llb-post")
+        # One batch may wait for post-processing beside the ones being post-processed: when
+        # post-processing is the bottleneck the inference thread then waits, frames gather in the
+        # camera queues and the next batch is a full one (batch-1 inference would waste compute).
+        self._post_slots = threading.Semaphore(self.options.post_workers + self.options.max_batch)
         self._model: ServingModel | None = None
         self._retired: list[ServingModel] = []
         self._swap_lock = threading.Lock()
@@ -269,6 +304,7 @@ class Daemon:
                 sock.close(linger=0)
             if self.capture is not None:
                 self.capture.stop(1.0)
+            self._post_pool.shutdown(wait=False)
             self._shutdown_resources()
             self._stopped.set()
             raise
@@ -313,6 +349,7 @@ class Daemon:
         with contextlib.suppress(queue.Full):
             self._outbox.put(None, timeout=max(0.1, deadline - time.monotonic()))
         self._join("llb-publisher", deadline)
+        self._post_pool.shutdown(wait=True)
         if self.capture is not None:
             self.capture.stop(max(0.1, deadline - time.monotonic()))
         self._shutdown_resources()
@@ -483,9 +520,14 @@ class Daemon:
     def _publish_error(
         self, camera_id: str, frame_id: int | str, capture_ts: float | None, code: ErrorCode, message: str
     ) -> None:
+        self._publish(self._error_parts(camera_id, frame_id, capture_ts, code, message))
+
+    def _error_parts(
+        self, camera_id: str, frame_id: int | str, capture_ts: float | None, code: ErrorCode, message: str
+    ) -> list[Any]:
         identity = self._model.identity if self._model is not None else None
         result = error_result(camera_id, frame_id, capture_ts, code, message, identity)
-        self._publish(encode_result(dataclasses.replace(result, published_ts=time.time())))
+        return encode_result(dataclasses.replace(result, published_ts=time.time()))
 
     # ---------------------------------------------------------------------------- inference
 
@@ -513,63 +555,96 @@ class Daemon:
             return
         infer_s = time.perf_counter() - started
         self.metrics.batch_size.observe(len(batch))
-        map_encoding = None if self.options.map_payload == "none" else self.options.map_payload
         for index, frame in enumerate(batch):
-            post_started = time.perf_counter()
-            header = frame.header
-            try:
-                result, payload = inspection_result(
-                    camera_id=header.camera_id,
-                    frame_id=header.frame_id,
-                    capture_ts=header.capture_ts,
-                    anomaly_map=maps[index],
-                    score=float(scores[index]),
-                    score_max=float(maxes[index]),
-                    threshold=model.threshold,
-                    pixel_threshold=model.pixel_threshold,
-                    geometry=model.geometry,
-                    height=frame.height,
-                    width=frame.width,
-                    identity=model.identity,
-                    map_encoding=map_encoding,
-                )
-            except Exception as err:  # noqa: BLE001
-                logger.exception("postprocess_failed", extra={"fields": {"error": repr(err)}})
-                self._answer_error(header, ErrorCode.INTERNAL, f"post-processing failed: {err!r}")
-                continue
-            done = time.perf_counter()
-            latency_s = {
-                "decode": frame.decode_s,
-                "queue": started - frame.enqueued,
-                "infer": infer_s,
-                "post": done - post_started,
-                "total": done - frame.received,
-            }
-            for stage, seconds in latency_s.items():
-                self.metrics.latency.observe(seconds, stage=stage)
-            result = dataclasses.replace(
-                result,
-                latency_ms={stage: round(seconds * 1000, 3) for stage, seconds in latency_s.items()},
-                published_ts=time.time(),
+            inspected = InspectedFrame(
+                frame, model, maps[index], float(scores[index]), float(maxes[index]), started, infer_s
             )
-            if result.error is not None:
-                self._count_error(result.error.code, result.error.message, header.camera_id, header.frame_id)
-            else:
-                self.metrics.frames.inc(camera=header.camera_id, decision=str(result.decision))
-            self._publish(encode_result(result, payload))
-            if self.capture is not None and result.error is None:
-                # After publishing: the result never waits on capture, and offer() itself is O(1).
-                self.capture.offer(
-                    frame.image, camera_id=header.camera_id, frame_id=header.frame_id, capture_ts=header.capture_ts,
-                    score=float(result.score), decision=result.decision, threshold=model.threshold,
-                    model_id=model.identity.model_id, model_version=model.identity.model_version,
-                )
+            # Blocks while post-processing lags behind inference: the backlog then stays in the
+            # bounded camera queues (keep-newest) instead of growing here.
+            self._post_slots.acquire()
+            try:
+                future = self._post_pool.submit(self._finish, inspected)
+            except BaseException:
+                self._post_slots.release()
+                raise
+            self._publish(future)  # the outbox is FIFO: results leave in inspection order
+
+    def _finish(self, inspected: InspectedFrame) -> list[Any]:
+        """Post-process one inspected frame on a post worker; returns the encoded result (never raises)."""
+        try:
+            return self._finish_frame(inspected)
+        except Exception as err:  # noqa: BLE001 - every frame gets an answer
+            logger.exception("postprocess_failed", extra={"fields": {"error": repr(err)}})
+            header = inspected.frame.header
+            self._count_error(ErrorCode.INTERNAL, repr(err), header.camera_id, header.frame_id)
+            return self._error_parts(
+                header.camera_id,
+                header.frame_id,
+                header.capture_ts,
+                ErrorCode.INTERNAL,
+                f"post-processing failed: {err!r}",
+            )
+        finally:
+            self._post_slots.release()
+
+    def _finish_frame(self, inspected: InspectedFrame) -> list[Any]:
+        post_started = time.perf_counter()
+        frame, model, header = inspected.frame, inspected.model, inspected.frame.header
+        map_encoding = None if self.options.map_payload == "none" else self.options.map_payload
+        result, payload = inspection_result(
+            camera_id=header.camera_id,
+            frame_id=header.frame_id,
+            capture_ts=header.capture_ts,
+            anomaly_map=inspected.anomaly_map,
+            score=inspected.score,
+            score_max=inspected.score_max,
+            threshold=model.threshold,
+            pixel_threshold=model.pixel_threshold,
+            geometry=model.geometry,
+            height=frame.height,
+            width=frame.width,
+            identity=model.identity,
+            map_encoding=map_encoding,
+        )
+        done = time.perf_counter()
+        latency_s = {
+            "decode": frame.decode_s,
+            "queue": inspected.infer_started - frame.enqueued,
+            "infer": inspected.infer_s,
+            "post": done - post_started,
+            "total": done - frame.received,
+        }
+        for stage, seconds in latency_s.items():
+            self.metrics.latency.observe(seconds, stage=stage)
+        result = dataclasses.replace(
+            result,
+            latency_ms={stage: round(seconds * 1000, 3) for stage, seconds in latency_s.items()},
+            published_ts=time.time(),
+        )
+        if result.error is not None:
+            self._count_error(result.error.code, result.error.message, header.camera_id, header.frame_id)
+        else:
+            self.metrics.frames.inc(camera=header.camera_id, decision=str(result.decision))
+        if self.capture is not None and result.error is None:
+            # offer() is O(1) and never blocks; the frame is not modified after inference.
+            self.capture.offer(
+                frame.image,
+                camera_id=header.camera_id,
+                frame_id=header.frame_id,
+                capture_ts=header.capture_ts,
+                score=float(result.score),
+                decision=result.decision,
+                threshold=model.threshold,
+                model_id=model.identity.model_id,
+                model_version=model.identity.model_version,
+            )
+        return encode_result(result, payload)
 
     # ---------------------------------------------------------------------------- publishing
 
-    def _publish(self, parts: list[Any]) -> None:
+    def _publish(self, item: Outgoing) -> None:
         try:
-            self._outbox.put_nowait(parts)
+            self._outbox.put_nowait(item)
         except queue.Full:
             self.metrics.results_lost.inc()
 
@@ -578,11 +653,14 @@ class Daemon:
         next_heartbeat = time.monotonic()
         while True:
             try:
-                parts = self._outbox.get(timeout=max(0.0, next_heartbeat - time.monotonic()))
+                item = self._outbox.get(timeout=max(0.0, next_heartbeat - time.monotonic()))
             except queue.Empty:
-                parts = []
-            if parts is None:  # the stop sentinel: everything before it has been sent
+                item = []
+            if item is None:  # the stop sentinel: everything before it has been sent
                 break
+            # A result still being post-processed holds back the ones behind it, so results leave
+            # in the order frames were inspected even with several post workers.
+            parts = item.result() if isinstance(item, Future) else item
             if parts:
                 self._send(sock, parts)
             now = time.monotonic()

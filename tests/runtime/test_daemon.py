@@ -328,3 +328,46 @@ def test_default_endpoints_are_loopback() -> None:
     for endpoint in (options.intake, options.results, options.control):
         assert endpoint is not None and endpoint.startswith("tcp://127.0.0.1:")
     assert options.health_host == "127.0.0.1"
+
+
+def test_results_keep_inspection_order_with_several_post_workers(bundle_dir: Path) -> None:
+    # Large frames with a defect (slow region search) between small flat ones (fast): workers
+    # finish out of order, the publisher must not.
+    total, cameras = 60, ("cam-a", "cam-b")
+    with running_daemon(bundle_dir, post_workers=4, queue_size=total, max_batch=8, max_wait_ms=5) as daemon, \
+            Client.of(daemon) as client:
+        for frame_id in range(total):
+            heavy = frame_id % 4 == 0
+            rgb = square_frame(768, 1024, (100, 100, 500, 400)) if heavy else flat_frame(32, 32)
+            client.send_frame(cameras[frame_id % 2], frame_id, rgb)
+        headers = client.headers(total, timeout_s=40)
+    assert all(h.ok for h in headers)
+    for camera in cameras:
+        ids = [h.frame_id for h in headers if h.camera_id == camera]
+        assert ids == sorted(ids) and len(ids) == total // 2
+    assert [h.decision for h in sorted(headers, key=lambda h: h.frame_id)] == [
+        "NG" if frame_id % 4 == 0 else "OK" for frame_id in range(total)
+    ]
+    assert daemon.metrics.frames.total() == total
+
+
+def test_a_post_processing_failure_is_answered_in_order(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import llb_edge.runtime.daemon as daemon_module
+
+    real = daemon_module.inspection_result
+
+    def failing_on_frame_3(**kwargs: object) -> object:
+        if kwargs["frame_id"] == 3:
+            raise ValueError("injected post-processing fault")
+        return real(**kwargs)
+
+    monkeypatch.setattr(daemon_module, "inspection_result", failing_on_frame_3)
+    with running_daemon(bundle_dir, post_workers=3) as daemon, Client.of(daemon) as client:
+        for frame_id in range(6):
+            client.send_frame("cam-a", frame_id, flat_frame(64, 64))
+        headers = client.headers(6)
+        assert [h.frame_id for h in headers] == list(range(6))
+        assert [h.ok for h in headers] == [True, True, True, False, True, True]
+        assert headers[3].error.code is ErrorCode.INTERNAL and "injected" in headers[3].error.message
+        assert daemon.metrics.errors.value(code="INTERNAL") == 1
+        assert daemon.is_live()
