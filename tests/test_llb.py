@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -315,3 +318,32 @@ def test_knn_stage1_end_to_end_through_train(tmp_path):
     page = (run_dir / "stage1" / "report.html").read_text()
     refs = re.findall(r'src="([^"]+\.png)"', page)
     assert refs and all((run_dir / "stage1" / ref).is_file() for ref in refs)
+
+
+def _train_in_subprocess(launcher: list[str], run_dir, **extra) -> subprocess.CompletedProcess:
+    overrides = tiny_overrides(run_dir, llb__stages="1,2", train__iterations=2, **extra)
+    command = [*launcher, "llb_edge.cli", "train", "--no-eval", *(a for o in overrides for a in ("--set", o))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_spreads_submodels_over_ranks_and_selects_the_same_images(tmp_path):
+    # Two CPU ranks under the real torchrun launcher against one process: sub-models j % 2 == rank,
+    # scores exchanged through the run directory, identical selection and scores.
+    single = _train_in_subprocess([sys.executable, "-m"], tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    ranks = _train_in_subprocess(launcher, tmp_path / "ranks")
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+
+    for j in range(3):
+        single_scores = json.loads((tmp_path / "single" / "stage1" / f"submodel_{j}" / "scores.json").read_text())
+        rank_scores = json.loads((tmp_path / "ranks" / "stage1" / f"submodel_{j}" / "scores.json").read_text())
+        assert (single_scores["rank"], rank_scores["rank"]) == (0, j % 2)
+        assert rank_scores["scores"].keys() == single_scores["scores"].keys()
+        np.testing.assert_allclose(list(rank_scores["scores"].values()), list(single_scores["scores"].values()),
+                                   rtol=1e-5)
+    assert (load_sample_list(tmp_path / "ranks" / "stage1" / "purified.jsonl")
+            == load_sample_list(tmp_path / "single" / "stage1" / "purified.jsonl"))
+    assert (tmp_path / "ranks" / "model.safetensors").is_file()  # rank 0 went on to stage 2

@@ -31,7 +31,8 @@ Multi-GPU: under torchrun (RANK / WORLD_SIZE set), rank r fits the sub-models j 
 j % WORLD_SIZE == r and all ranks then read every sub-model's scores.json from the shared run
 directory (waiting for the others' files). Rank 0 alone writes the table and the report; every rank
 returns the same selection. This path is written against torchrun's documented environment and
-is not exercised by the tests; one process (CPU or one GPU) never needs torchrun.
+is tested on CPU with two ranks under the real torchrun launcher (tests/test_llb.py), not on
+several GPUs; one process (CPU or one GPU) never needs torchrun.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def fit_and_score(sub: SubModel, positions: np.ndarray, paths: list[str], resume
     sub.save()
     write_json(sub.directory / SCORES, {
         "submodel": sub.index, "kind": sub.kind, "seed": sub.seed, "subset_size": int(len(positions)),
+        "rank": rank_and_world()[0],
         "fit": fit, "score_seconds": score_seconds,
         "scores": {path: float(value) for path, value in zip(paths, scores, strict=True)},
     })
@@ -221,9 +223,10 @@ def screen(
         raise ValueError(f"features hold {len(features)} images but {len(samples)} samples were given")
     stage_dir.mkdir(parents=True, exist_ok=True)
     subsets = subset_positions(len(paths), llb.k, llb.seed)
-    record_subsets(stage_dir / SUBSETS, subsets, paths, resume)
-    ctx = Stage1Context(cfg, encoder, features, scorer.to(features.device))
     rank, world = rank_and_world()
+    if rank == 0:  # every rank builds the same subsets from llb.seed; one writer avoids a torn file
+        record_subsets(stage_dir / SUBSETS, subsets, paths, resume)
+    ctx = Stage1Context(cfg, encoder, features, scorer.to(features.device))
     seeds = [submodel_seed(llb.seed, j) for j in range(llb.k)]
 
     def build(j: int) -> SubModel:
