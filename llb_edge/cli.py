@@ -268,7 +268,9 @@ def ctl(
         raise typer.Exit(1)
 
 
-keys_app = typer.Typer(help="CURVE keys for authenticated, encrypted ZeroMQ sockets.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="CURVE keys for ZeroMQ sockets and OPC UA application certificates.", no_args_is_help=True
+)
 app.add_typer(keys_app, name="keys")
 
 
@@ -283,6 +285,28 @@ def keys_generate(
 
     pair = generate_keypair(dir, name)
     typer.echo(f"public: {pair.public}\nsecret: {pair.secret}")
+
+
+@keys_app.command("opcua-cert")
+def keys_opcua_cert(
+    name: Annotated[str, typer.Option(help="NAME.der (certificate) and NAME.pem (private key) are written.")],
+    uri: Annotated[str, typer.Option(help="Application URI the certificate is issued for, e.g. urn:plant:gateway.")],
+    role: Annotated[str, typer.Option(help="server: the gateway's own OPC UA server; client: the gateway "
+                                           "writing into a PLC's server, or a client of the gateway.")] = "server",
+    dir: Annotated[Path, typer.Option("--dir", help="Folder to write the files into.")] = Path("certs"),
+) -> None:
+    """Make a self-signed OPC UA application certificate (365 days) for the gateway's security settings.
+
+    Give the .der to the other side to trust (the PLC's trust list, or the gateway's trusted_clients
+    folder); the .pem private key stays where it was made.
+    """
+    from llb_edge.runtime.gateway.opcua import generate_certificate
+
+    try:
+        certificate, key = generate_certificate(dir, name, uri, role)
+    except (ValueError, FileExistsError) as err:
+        fail(str(err))
+    typer.echo(f"certificate: {certificate}\nprivate key: {key}")
 
 
 bench_app = typer.Typer(help="Benchmarks that produce tables for docs/.", no_args_is_help=True)

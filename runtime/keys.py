@@ -33,10 +33,15 @@ class KeyPairFiles:
     secret: Path  # <name>.key_secret: holds the secret key, readable by its owner only
 
 
+def require_plain_name(name: str, what: str) -> None:
+    """Key and certificate names become file names: refuse paths and hidden files."""
+    if not name or any(sep in name for sep in ("/", "\\")) or name.startswith("."):
+        raise ValueError(f"{what} must be a plain file name, got {name!r}")
+
+
 def generate_keypair(directory: str | Path, name: str) -> KeyPairFiles:
     """Write ``<name>.key`` and ``<name>.key_secret`` (ZeroMQ certificate files) into ``directory``."""
-    if not name or any(sep in name for sep in ("/", "\\")) or name.startswith("."):
-        raise ValueError(f"key name must be a plain file name, got {name!r}")
+    require_plain_name(name, "key name")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     public, secret = (Path(p) for p in zmq.auth.create_certificates(directory, name))

@@ -7,6 +7,7 @@ fall back to a default that nobody chose (a PLC address, a word order).
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,17 @@ MODBUS_BLOCK_REGISTERS = 32  # one camera's register block; see docs/gateway.md 
 WORD_ORDERS = ("big", "little")
 ADAPTER_TYPES = ("opcua-server", "opcua-client", "modbus-client", "modbus-server", "s7")
 S7_BLOCK_BYTES = 52  # one camera's bytes in the S7 data block; see docs/gateway.md for the layout
+# OPC UA message security, as asyncua's SecurityPolicyType names them ("None": no security). The
+# deprecated Basic128Rsa15 and Basic256 policies are left out on purpose.
+OPCUA_SECURITY_POLICIES = (
+    "None",
+    "Basic256Sha256_Sign",
+    "Basic256Sha256_SignAndEncrypt",
+    "Aes128Sha256RsaOaep_Sign",
+    "Aes128Sha256RsaOaep_SignAndEncrypt",
+    "Aes256Sha256RsaPss_Sign",
+    "Aes256Sha256RsaPss_SignAndEncrypt",
+)
 
 # Tag names as a PLC programmer sees them (types and meaning: docs/gateway.md). The gateway writes
 # GATEWAY_TAGS; the PLC writes PLC_TAGS (only read when the camera's handshake is on).
@@ -94,7 +106,15 @@ class AdapterConfig:
 class OpcUaServerConfig(AdapterConfig):
     endpoint: str = DEFAULT_OPCUA_ENDPOINT
     namespace: str = DEFAULT_NAMESPACE
+    security: tuple[str, ...] = ("None",)  # endpoints offered (OPCUA_SECURITY_POLICIES)
+    certificate: Path | None = None  # the gateway's application certificate (DER or PEM); needed with security
+    private_key: Path | None = None  # its private key (PEM)
+    trusted_clients: Path | None = None  # folder of client certificates allowed to connect; needed with security
     type: str = "opcua-server"
+
+    @property
+    def secured(self) -> bool:
+        return self.security != ("None",)
 
 
 @dataclass(frozen=True)
@@ -105,6 +125,12 @@ class OpcUaClientConfig(AdapterConfig):
     nodes: dict[str, dict[str, str | list[str]]] = field(default_factory=dict)
     tags: tuple[str, ...] = ()  # tags written; empty: every gateway tag
     timeout_s: float = 2.0
+    security: str = "None"  # one of OPCUA_SECURITY_POLICIES
+    certificate: Path | None = None  # the gateway's client certificate (DER or PEM); needed with security
+    private_key: Path | None = None  # its private key (PEM)
+    server_certificate: Path | None = None  # the PLC's certificate, pinned; None: taken from its endpoint list
+    username: str | None = None  # user authentication, with the password from the environment
+    password_env: str | None = None  # name of the environment variable holding the password
     type: str = "opcua-client"
 
 
@@ -221,12 +247,46 @@ def _adapter_problems(adapter: AdapterConfig) -> list[str]:
             problems.append(f"adapter {adapter.name}: db >= 1 and an even byte offset >= 0 for every camera")
         if any(b - a < S7_BLOCK_BYTES for a, b in zip(starts, starts[1:], strict=False)):
             problems.append(f"adapter {adapter.name}: camera blocks overlap ({S7_BLOCK_BYTES} bytes each)")
+    if isinstance(adapter, OpcUaServerConfig):
+        problems += _security_problems(adapter.name, adapter.security, adapter.certificate, adapter.private_key)
+        if not adapter.security:
+            problems.append(f"adapter {adapter.name}: security must list at least one policy")
+        if adapter.secured and (adapter.trusted_clients is None or not adapter.trusted_clients.is_dir()):
+            problems.append(
+                f"adapter {adapter.name}: security needs trusted_clients, a folder of the client certificates "
+                f"allowed to connect (got {adapter.trusted_clients})"
+            )
     if isinstance(adapter, OpcUaClientConfig):
+        problems += _security_problems(adapter.name, (adapter.security,), adapter.certificate, adapter.private_key)
+        if adapter.server_certificate is not None and not adapter.server_certificate.is_file():
+            problems.append(f"adapter {adapter.name}: server_certificate {adapter.server_certificate} is not a file")
+        if (adapter.username is None) != (adapter.password_env is None):
+            problems.append(f"adapter {adapter.name}: username and password_env go together")
+        elif adapter.password_env is not None and adapter.password_env not in os.environ:
+            problems.append(f"adapter {adapter.name}: environment variable {adapter.password_env} is not set")
         bad = [tag for tag in adapter.tags if tag not in ALL_TAGS]
         for tags in adapter.nodes.values():
             bad += [tag for tag in tags if tag not in ALL_TAGS]
         if bad:
             problems.append(f"adapter {adapter.name}: unknown tags {bad} (known: {', '.join(ALL_TAGS)})")
+    return problems
+
+
+def _security_problems(
+    name: str, policies: tuple[str, ...], certificate: Path | None, private_key: Path | None
+) -> list[str]:
+    problems = []
+    unknown = [policy for policy in policies if policy not in OPCUA_SECURITY_POLICIES]
+    if unknown:
+        known = ", ".join(OPCUA_SECURITY_POLICIES)
+        problems.append(f"adapter {name}: unknown security policies {unknown} (known: {known})")
+    if any(policy != "None" for policy in policies):
+        for what, path in (("certificate", certificate), ("private_key", private_key)):
+            if path is None or not path.is_file():
+                problems.append(
+                    f"adapter {name}: security needs {what}, an existing file (got {path}; "
+                    "`llb-edge keys opcua-cert` makes one)"
+                )
     return problems
 
 
@@ -306,6 +366,10 @@ def _adapter(name: str, values: Any, camera_ids: list[str]) -> AdapterConfig:
             cameras=cameras,
             endpoint=table.get("endpoint", str, DEFAULT_OPCUA_ENDPOINT),
             namespace=table.get("namespace", str, DEFAULT_NAMESPACE),
+            security=tuple(table.get("security", list, ["None"])),
+            certificate=_path(table.get("certificate", str, None)),
+            private_key=_path(table.get("private_key", str, None)),
+            trusted_clients=_path(table.get("trusted_clients", str, None)),
         )
     elif kind == "opcua-client":
         adapter = OpcUaClientConfig(
@@ -316,6 +380,12 @@ def _adapter(name: str, values: Any, camera_ids: list[str]) -> AdapterConfig:
             nodes=_node_overrides(table.table("nodes"), f"{where}.nodes"),
             tags=tuple(table.get("tags", list, [])),
             timeout_s=table.get("timeout_s", float, 2.0),
+            security=table.get("security", str, "None"),
+            certificate=_path(table.get("certificate", str, None)),
+            private_key=_path(table.get("private_key", str, None)),
+            server_certificate=_path(table.get("server_certificate", str, None)),
+            username=table.get("username", str, None),
+            password_env=table.get("password_env", str, None),
         )
     elif kind == "s7":
         offset = {camera: index * 64 for index, camera in enumerate(cameras)}

@@ -8,15 +8,29 @@ The client adapter writes the same tags into node ids the PLC already has (a tem
 ``ns=3;s="DB_Vision"."{camera}"."{tag}"`` plus per-tag overrides). It reads each node's data type
 once per connection and writes exactly that type: PLC servers refuse a Double for a REAL, and
 Siemens servers refuse writes that carry timestamps, so client writes carry none.
+
+Security (docs/gateway.md): both adapters speak the signed or signed-and-encrypted policies of
+OPC UA with X.509 application certificates (``llb-edge keys opcua-cert`` makes self-signed ones).
+The server accepts only clients whose certificate is in its ``trusted_clients`` folder; the client
+pins the PLC's certificate when ``server_certificate`` is given and can log in with a user name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import os
+import socket
+from pathlib import Path
 from typing import Any
 
 from asyncua import Client, Node, Server, ua
+from asyncua.crypto import cert_gen, security_policies, uacrypto
+from asyncua.crypto.truststore import TrustStore
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from llb_edge.runtime.gateway.adapters import (
     TAG_TYPES,
@@ -27,6 +41,7 @@ from llb_edge.runtime.gateway.adapters import (
     ordered_writes,
 )
 from llb_edge.runtime.gateway.config import ALL_TAGS, GATEWAY_TAGS, PLC_TAGS, OpcUaClientConfig, OpcUaServerConfig
+from llb_edge.runtime.keys import require_plain_name
 
 FOLDER = "Inspection"
 
@@ -67,6 +82,86 @@ def _variant(value: Any, variant_type: ua.VariantType) -> ua.Variant:
     return ua.Variant(convert(value, variant_type), variant_type)
 
 
+# ------------------------------------------------------------------------------------- security
+
+CERT_ROLES = ("server", "client")
+
+
+def generate_certificate(directory: str | Path, name: str, application_uri: str, role: str) -> tuple[Path, Path]:
+    """A self-signed OPC UA application certificate: ``<name>.der`` and its key ``<name>.pem``.
+
+    ``role`` is the side the certificate authenticates (server or client; the extended key usage
+    OPC UA peers check). Valid for 365 days. Returns (certificate, private key).
+    """
+    if role not in CERT_ROLES:
+        raise ValueError(f"role must be one of {CERT_ROLES}, got {role!r}")
+    require_plain_name(name, "certificate name")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    certificate, key = directory / f"{name}.der", directory / f"{name}.pem"
+    if certificate.exists() or key.exists():
+        raise FileExistsError(f"{certificate} or {key} already exists; remove it or choose another name")
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    private_key = cert_gen.generate_private_key()
+    names = [x509.UniformResourceIdentifier(application_uri), x509.DNSName(socket.gethostname())]
+    cert = cert_gen.generate_self_signed_app_certificate(
+        private_key, application_uri, {"commonName": name, "organizationName": "llb-edge"}, names,
+        extended=[usage], days=365,
+    )
+    key.write_bytes(cert_gen.dump_private_key_as_pem(private_key))
+    os.chmod(key, 0o600)
+    certificate.write_bytes(cert.public_bytes(Encoding.DER))
+    return certificate, key
+
+
+async def application_uri_of(certificate: Path) -> str:
+    """The application URI a certificate was issued for (its subjectAltName URI): peers check it."""
+    cert = await uacrypto.load_certificate(certificate)
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound as err:
+        raise ValueError(f"{certificate} has no subjectAltName with an application URI") from err
+    uris = names.get_values_for_type(x509.UniformResourceIdentifier)
+    if not uris:
+        raise ValueError(f"{certificate} has no application URI in its subjectAltName")
+    return uris[0]
+
+
+async def _secure_server(server: Server, settings: OpcUaServerConfig) -> None:
+    server.set_security_policy([
+        ua.SecurityPolicyType.NoSecurity if policy == "None" else ua.SecurityPolicyType[policy]
+        for policy in settings.security
+    ])
+    if not settings.secured:
+        return
+    assert settings.certificate and settings.private_key and settings.trusted_clients  # validated with the config
+    await server.load_certificate(str(settings.certificate))
+    await server.load_private_key(str(settings.private_key))
+    await server.set_application_uri(await application_uri_of(settings.certificate))
+    trust = TrustStore([settings.trusted_clients], [])
+    await trust.load()
+    options = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
+    server.set_certificate_validator(CertificateValidator(options, trust))
+
+
+async def _secure_client(client: Client, settings: OpcUaClientConfig) -> None:
+    if settings.username is not None and settings.password_env is not None:
+        client.set_user(settings.username)
+        client.set_password(os.environ[settings.password_env])
+    if settings.security == "None":
+        return
+    assert settings.certificate and settings.private_key  # validated with the config
+    policy_name, mode = settings.security.split("_")
+    client.application_uri = await application_uri_of(settings.certificate)
+    await client.set_security(
+        getattr(security_policies, f"SecurityPolicy{policy_name}"),
+        str(settings.certificate),
+        str(settings.private_key),
+        server_certificate=None if settings.server_certificate is None else str(settings.server_certificate),
+        mode=ua.MessageSecurityMode[mode],
+    )
+
+
 class OpcUaServerAdapter(Adapter):
     """An asyncua server hosting one Inspection object per camera; PLCs and HMIs connect to it."""
 
@@ -88,9 +183,7 @@ class OpcUaServerAdapter(Adapter):
         await server.init()
         server.set_endpoint(self.settings.endpoint)
         server.set_server_name("llb-edge gateway")
-        # Plain endpoint only: PLC OPC UA clients are configured per site; security (certificates,
-        # users) is not implemented yet and is documented as such in docs/gateway.md.
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        await _secure_server(server, self.settings)
         index = await server.register_namespace(self.settings.namespace)
         folder = await server.nodes.objects.add_folder(ua.NodeId(FOLDER, index), ua.QualifiedName(FOLDER, index))
         for camera_id in self.cameras:
@@ -181,6 +274,7 @@ class OpcUaClientAdapter(Adapter):
 
     async def connect(self) -> None:
         client = Client(self.settings.url, timeout=self.settings.timeout_s)
+        await _secure_client(client, self.settings)
         await client.connect()
         self._client = client  # set first so that close() releases it if resolving fails
         targets: dict[str, dict[str, list[tuple[Node, ua.VariantType]]]] = {}
