@@ -484,7 +484,7 @@ NotifyOption = Annotated[
 
 @app.command()
 def retrain(
-    pool: Annotated[Path, typer.Option(help="Capture pool folder (llb-edge serve --capture-pool).")],
+    pool: Annotated[Path | None, typer.Option(help="Capture pool folder (llb-edge serve --capture-pool).")] = None,
     versions: Annotated[Path | None, typer.Option(help="Versioned bundle folder to promote into.")] = None,
     current: Annotated[Path | None, typer.Option(help="Bundle to compare with (default: --versions' current).")] = (
         None),
@@ -501,6 +501,9 @@ def retrain(
     precision: Annotated[list[str] | None, typer.Option(help="Candidate ONNX precisions (repeatable).")] = None,
     backend: Annotated[str, typer.Option(help="Comparison backend: ort-cpu | ort-cuda.")] = "ort-cpu",
     no_promote: Annotated[bool, typer.Option("--no-promote", help="Decide and report only.")] = False,
+    resume: Annotated[Path | None, typer.Option(
+        help="A retrain work folder (OUT/retrain-VERSION) to continue where it stopped; on a finished one, "
+             "decide again under the gate options given now.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Retrain from the line: LLB on the capture pool, a candidate bundle, a comparison report, and
@@ -511,6 +514,8 @@ def retrain(
 
     if current is None and versions is None:
         fail("give --current BUNDLE_DIR or --versions ROOT (its current version is compared)")
+    if pool is None and resume is None:
+        fail("give --pool POOL_DIR (or --resume WORK_DIR to continue a cycle)")
     gate = GateConfig(max_ng_rate_change=max_ng_rate_change, max_disagreement=max_disagreement,
                       max_labeled_drop=max_labeled_drop, min_holdout=min_holdout)
     try:
@@ -518,6 +523,7 @@ def retrain(
             pool, current or versions, out, config=config, overrides=overrides or (), gate=gate,
             holdout_fraction=holdout, seed=seed, versions_root=versions, notify_endpoints=notify or (),
             promote_if_passed=not no_promote, precisions=tuple(precision or ("fp32", "fp16")), backend=backend,
+            resume_dir=resume,
         )
     except USER_ERRORS as err:
         fail(str(err))

@@ -8,6 +8,7 @@ promotes while frames keep flowing.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import threading
 import time
@@ -307,3 +308,62 @@ def test_capture_retrain_gate_promote_rollback_end_to_end(served_bundle: Path, t
         assert version_of_next_frame(2000) == "v1"
 
     assert [h["action"] for h in read_history(root)] == ["promote", "promote", "rollback"]
+
+
+def real_pool(pool: Path, images: list[np.ndarray]) -> None:
+    """A pool of real frames with capture metadata, as the daemon's capture writes it."""
+    import cv2
+
+    (pool / "frames").mkdir(parents=True)
+    entries = []
+    for frame_id, image in enumerate(images):
+        name = f"line-{frame_id:06d}.png"
+        cv2.imwrite(str(pool / "frames" / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        entries.append({"file": name, "camera": "line", "frame_id": frame_id, "p": 0.5 if frame_id % 2 else 1.0})
+    (pool / "manifest.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_interrupted_retrain_resumes_from_its_snapshot_and_rejudges(served_bundle: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llb_edge.cli import app
+
+    pool = tmp_path / "pool"
+    real_pool(pool, mtd_frames(normal=20, defective=0))
+    failing = GateConfig(max_disagreement=0.0, min_holdout=10_000)
+    passing = GateConfig(max_ng_rate_change=1.0, max_disagreement=1.0, max_labeled_drop=1.0, min_holdout=1)
+    options = {"precisions": ("fp32",), "threads": 1, "promote_if_passed": False}
+    first = retrain(pool, served_bundle, tmp_path / "retrain", overrides=TINY_RETRAIN, gate=failing,
+                    holdout_fraction=0.25, **options)
+    work, report = first.work_dir, first.report_dir
+    model = work / "run" / "model.safetensors"
+    trained_at = model.stat().st_mtime_ns
+    before = json.loads((report / "comparison.json").read_text())
+
+    # Killed after training, before export: and meanwhile the pool evicted every frame.
+    shutil.rmtree(work / "candidate")
+    for name in ("comparison.json", "decision.json"):
+        (report / name).unlink()
+    shutil.rmtree(pool)
+    resumed = retrain(None, served_bundle, tmp_path / "retrain", gate=passing, resume_dir=work, **options)
+    assert resumed.work_dir == work and resumed.passed
+    assert "train_s" not in resumed.timing and {"export_s", "compare_s"} <= set(resumed.timing)
+    assert model.stat().st_mtime_ns == trained_at  # the finished training was not redone
+    after = json.loads((report / "comparison.json").read_text())
+    assert after["holdout"]["frames"] == before["holdout"]["frames"] == 5  # same held-back slice
+    assert after["pool"]["train"] == before["pool"]["train"] == 15
+    assert after["holdout"] == before["holdout"]  # same frames, same capture weights
+    assert {f["file"]: f["candidate"] for f in after["frames"]} == pytest.approx(
+        {f["file"]: f["candidate"] for f in before["frames"]}, abs=1e-6)  # the same trained model, re-exported
+    assert sorted(f["p"] for f in json.loads((work / "data" / "snapshot.json").read_text())["unlabeled"]) == (
+        [0.5] * 10 + [1.0] * 10)  # capture weights survive the pool
+
+    # A finished cycle resumed from the CLI is decided again under the new gate, nothing recomputed.
+    result = CliRunner().invoke(app, ["retrain", "--current", str(served_bundle), "--resume", str(work),
+                                      "--min-holdout", "10000", "--no-promote"])
+    assert result.exit_code == 1 and "FAILED" in result.output and "min_holdout" in result.output
+    decision = json.loads((report / "decision.json").read_text())
+    assert decision["passed"] is False and [d["passed"] for d in decision["earlier_decisions"]] == [True]
+    assert "compare_s" not in decision["timing"]

@@ -4,6 +4,7 @@ One cycle, in ``<out_root>/<name>/``::
 
     data/pool/*.png        hard links to the pool's unlabelled frames (a snapshot: capture may evict
                            pool files while training runs); data/labeled/*.png the labelled ones
+    data/snapshot.json     the snapshot's frames with their capture metadata (written last: complete)
     run/                   the training run (llb-edge train's run directory)
     candidate/             the exported candidate bundle (parity-gated by export_bundle)
     report/                comparison.json, decision.json, report.html, scores.png, agreement.png
@@ -18,6 +19,10 @@ geometry, same graph), so the comparison predicts what the line will see. Pool f
 capture probability ``p``; NG rates and disagreement weigh each frame 1/p, which undoes the extra
 sampling of NG and near-threshold frames (otherwise a pool rich in NG frames would exaggerate
 every NG-rate difference).
+
+An interrupted cycle resumes (``resume_dir``) at the step where it stopped: the snapshot, the
+training run (itself resumable), the export and the comparison are each reused once complete, and
+the gate always decides afresh, so resuming a finished cycle re-judges it under the gate given now.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from llb_edge.trainer.label import read_labels
 log = logging.getLogger(__name__)
 
 DATA_DIR, POOL_SUBDIR, LABELED_SUBDIR = "data", "pool", "labeled"
+SNAPSHOT_FILE = "snapshot.json"
 RUN_NAME, CANDIDATE_DIR, REPORT_DIR = "run", "candidate", "report"
 COMPARISON_FILE, DECISION_FILE = "comparison.json", "decision.json"
 MIN_TRAIN_FRAMES = 2
@@ -269,8 +275,12 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def snapshot_pool(pool_dir: Path, data_dir: Path) -> tuple[dict[str, PoolFrame], list[tuple[Path, PoolFrame, str]]]:
-    """Link the pool's frames into ``data_dir``: ({file: frame} unlabelled, [(path, frame, label)])."""
+Snapshot = tuple[dict[str, PoolFrame], list[tuple[Path, PoolFrame, str]]]  # ({file: frame}, [(path, frame, label)])
+
+
+def snapshot_pool(pool_dir: Path, data_dir: Path) -> Snapshot:
+    """Link the pool's frames into ``data_dir``, record them in snapshot.json; (unlabelled, labelled)."""
+    shutil.rmtree(data_dir, ignore_errors=True)  # a snapshot interrupted earlier is taken again whole
     frames = read_pool(pool_dir)
     labels = read_labels(pool_dir)
     (data_dir / POOL_SUBDIR).mkdir(parents=True, exist_ok=True)
@@ -288,6 +298,30 @@ def snapshot_pool(pool_dir: Path, data_dir: Path) -> tuple[dict[str, PoolFrame],
             labeled.append((target, frame, label))
         else:
             unlabeled[frame.file] = frame
+    write_json(data_dir / SNAPSHOT_FILE, {
+        "unlabeled": [_frame_record(frame) for frame in unlabeled.values()],
+        "labeled": [_frame_record(frame) | {"snapshot_path": str(path), "label": label}
+                    for path, frame, label in labeled],
+    })
+    return unlabeled, labeled
+
+
+def _frame_record(frame: PoolFrame) -> dict[str, Any]:
+    return asdict(frame) | {"path": str(frame.path)}
+
+
+def _frame_from_record(record: dict[str, Any]) -> PoolFrame:
+    fields = {key: value for key, value in record.items() if key not in ("snapshot_path", "label")}
+    return PoolFrame(**fields | {"path": Path(record["path"])})
+
+
+def read_snapshot(data_dir: Path) -> Snapshot | None:
+    """The snapshot a cycle already took, or None when it never completed."""
+    if not (data_dir / SNAPSHOT_FILE).is_file():
+        return None
+    record = read_json(data_dir / SNAPSHOT_FILE)
+    unlabeled = {frame.file: frame for frame in map(_frame_from_record, record["unlabeled"])}
+    labeled = [(Path(r["snapshot_path"]), _frame_from_record(r), r["label"]) for r in record["labeled"]]
     return unlabeled, labeled
 
 
@@ -334,7 +368,7 @@ def _new_name(taken: set[str]) -> str:
 
 
 def retrain(
-    pool_dir: str | Path,
+    pool_dir: str | Path | None,
     current_bundle_dir: str | Path,
     out_root: str | Path,
     *,
@@ -350,10 +384,12 @@ def retrain(
     backend: str = "ort-cpu",
     threads: int | None = None,
     by: str | None = None,
+    resume_dir: str | Path | None = None,
 ) -> RetrainDecision:
     """One retrain cycle (module docstring). Promotes into ``versions_root`` (and notifies the daemons)
     only when the gate passes; otherwise the candidate and its report stay in the work folder, where
-    `llb-edge promote` can still install it by hand. ``current_bundle_dir`` may be a versions root."""
+    `llb-edge promote` can still install it by hand. ``current_bundle_dir`` may be a versions root.
+    ``resume_dir``: a cycle's work folder to continue (its recipe is the saved one, not ``config``)."""
     from llb_edge.data.readers import load_dataset
     from llb_edge.exporters.bundle_export import export_bundle
     from llb_edge.trainer.pipeline import run_training
@@ -365,43 +401,67 @@ def retrain(
     timing: dict[str, float] = {}
     started = time.perf_counter()
     current = load_bundle(resolve_bundle_dir(current_bundle_dir), verify=True)
-    taken = {current.manifest.model_version, *(list_versions(versions_root) if versions_root else [])}
-    version = _new_name(taken | {p.name.removeprefix("retrain-") for p in Path(out_root).glob("retrain-*")})
-    work = Path(out_root) / f"retrain-{version}"
-    work.mkdir(parents=True)
+    if resume_dir is None:
+        taken = {current.manifest.model_version, *(list_versions(versions_root) if versions_root else [])}
+        version = _new_name(taken | {p.name.removeprefix("retrain-") for p in Path(out_root).glob("retrain-*")})
+        work = Path(out_root) / f"retrain-{version}"
+        work.mkdir(parents=True)
+    else:
+        work = Path(resume_dir)
+        if not work.is_dir():
+            raise RetrainError(f"cannot resume {work}: no such retrain work folder")
+        version = work.name.removeprefix("retrain-")
+        log.info("resuming retrain %s", work)
     report_dir = work / REPORT_DIR
-    report_dir.mkdir()
+    report_dir.mkdir(exist_ok=True)
 
-    unlabeled, labeled = snapshot_pool(Path(pool_dir), work / DATA_DIR)
+    snapshot = read_snapshot(work / DATA_DIR)
+    if snapshot is None:
+        if pool_dir is None:
+            raise RetrainError(f"{work} has no complete pool snapshot: give the pool to take it from")
+        snapshot = snapshot_pool(Path(pool_dir), work / DATA_DIR)
+    unlabeled, labeled = snapshot
     if len(unlabeled) < MIN_TRAIN_FRAMES + 1:
         raise RetrainError(f"pool {pool_dir} has {len(unlabeled)} unlabelled frames; capture more before retraining")
-    cfg = retrain_config(current, config, overrides, work / DATA_DIR, work, holdout_fraction, seed)
+    saved_run = work / RUN_NAME
+    if (saved_run / "config.json").is_file():
+        cfg = read_run_config(saved_run)  # a resumed cycle keeps its recipe and its held-back slice
+    else:
+        cfg = retrain_config(current, config, overrides, work / DATA_DIR, work, holdout_fraction, seed)
     split = load_dataset(cfg.data)  # the same seeded split run_training makes: test = the held-back slice
     if len(split.test) < gate.min_holdout:
         log.warning("held-back slice has %d frames, the gate needs %d: the candidate will not be promoted "
                     "automatically", len(split.test), gate.min_holdout)
     timing["snapshot_s"] = time.perf_counter() - started
 
-    t0 = time.perf_counter()
-    run_dir = run_training(cfg, resume=False, evaluate_after=False)
-    timing["train_s"] = time.perf_counter() - t0
+    run_dir = saved_run
+    if not (run_dir / "metadata.json").is_file():  # written last by a finished training run
+        t0 = time.perf_counter()
+        run_dir = run_training(cfg, resume=(saved_run / "config.json").is_file(), evaluate_after=False)
+        timing["train_s"] = time.perf_counter() - t0
     meta = read_json(run_dir / "metadata.json")
     timing["encode_s"] = float(meta.get("timing", {}).get("encode_seconds", 0.0))
 
-    t0 = time.perf_counter()
     candidate_dir = work / CANDIDATE_DIR
-    candidate = export_bundle(run_dir, candidate_dir, precisions=tuple(precisions),
-                              model_id=current.manifest.model_id, model_version=version)
-    timing["export_s"] = time.perf_counter() - t0
+    if candidate_dir.is_dir():  # export_bundle renames its staging folder into place only when complete
+        candidate = load_bundle(candidate_dir, verify=True)
+    else:
+        t0 = time.perf_counter()
+        candidate = export_bundle(run_dir, candidate_dir, precisions=tuple(precisions),
+                                  model_id=current.manifest.model_id, model_version=version)
+        timing["export_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    holdout = [(Path(s.path), unlabeled[Path(s.path).name]) for s in split.test]
-    comparison = compare_bundles(current, candidate, holdout, labeled, backend, threads)
-    comparison["pool"] = {"dir": str(Path(pool_dir).resolve()), "unlabeled": len(unlabeled), "labeled": len(labeled),
-                          "train": len(split.train), "kept_by_llb": int(meta.get("train_images", 0)),
-                          "holdout_fraction": holdout_fraction, "seed": seed}
-    write_json(report_dir / COMPARISON_FILE, comparison)
-    timing["compare_s"] = time.perf_counter() - t0
+    if not (report_dir / COMPARISON_FILE).is_file():
+        t0 = time.perf_counter()
+        holdout = [(Path(s.path), unlabeled[Path(s.path).name]) for s in split.test]
+        comparison = compare_bundles(current, candidate, holdout, labeled, backend, threads)
+        comparison["pool"] = {
+            "dir": None if pool_dir is None else str(Path(pool_dir).resolve()), "unlabeled": len(unlabeled),
+            "labeled": len(labeled), "train": len(split.train), "kept_by_llb": int(meta.get("train_images", 0)),
+            "holdout_fraction": cfg.data.test_fraction, "seed": cfg.data.split_seed,
+        }
+        write_json(report_dir / COMPARISON_FILE, comparison)
+        timing["compare_s"] = time.perf_counter() - t0
     return judge(work, gate, versions_root=versions_root, notify_endpoints=notify_endpoints,
                  promote_if_passed=promote_if_passed, by=by, timing=timing, started=started)
 
