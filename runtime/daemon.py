@@ -502,8 +502,12 @@ class Daemon:
                 self._count_error(ErrorCode.INTERNAL, repr(err), None, None)
 
     def _answer_error(self, header: FrameHeader, code: ErrorCode, message: str) -> None:
+        self._publish(self._error_answer(header, code, message))
+
+    def _error_answer(self, header: FrameHeader, code: ErrorCode, message: str) -> list[Any]:
+        """Count a frame's error and encode its error result (the caller decides when it is published)."""
         self._count_error(code, message, header.camera_id, header.frame_id)
-        self._publish_error(header.camera_id, header.frame_id, header.capture_ts, code, message)
+        return self._error_parts(header.camera_id, header.frame_id, header.capture_ts, code, message)
 
     def _count_error(self, code: ErrorCode, message: str, camera_id: str | None, frame_id: int | str | None) -> None:
         self.metrics.errors.inc(code=code.name)
@@ -575,15 +579,7 @@ class Daemon:
             return self._finish_frame(inspected)
         except Exception as err:  # noqa: BLE001 - every frame gets an answer
             logger.exception("postprocess_failed", extra={"fields": {"error": repr(err)}})
-            header = inspected.frame.header
-            self._count_error(ErrorCode.INTERNAL, repr(err), header.camera_id, header.frame_id)
-            return self._error_parts(
-                header.camera_id,
-                header.frame_id,
-                header.capture_ts,
-                ErrorCode.INTERNAL,
-                f"post-processing failed: {err!r}",
-            )
+            return self._error_answer(inspected.frame.header, ErrorCode.INTERNAL, f"post-processing failed: {err!r}")
         finally:
             self._post_slots.release()
 
