@@ -61,26 +61,37 @@ def test_realiad_uses_the_official_fuiad_split_files(tmp_path):
 def test_tiny_bench_writes_the_tables_and_plots(tmp_path):
     cfg = load_config(None, tiny_overrides(
         tmp_path / "cfg", data__max_train=10, data__max_test=8, train__iterations=3, llb__k=2,
-        llb__submodel_iterations=3, llb__keep=0.5))
+        llb__submodel_iterations=3))
     out = tmp_path / "bench"
-    markdown = run_contamination_bench(cfg, alphas=[0.0, 0.2], ks=[1, 2], out_dir=out,
-                                       variants=["none", "dinomaly", "knn"])
+    variants = ["none", "default", "fixed", "paper"]
+    markdown = run_contamination_bench(cfg, alphas=[0.0, 0.2], ks=[1, 2], out_dir=out, variants=variants,
+                                       seeds=[0, 1])
     text = markdown.read_text()
-    assert "| alpha | variant |" in text and "## k ablation" in text
+    assert "| alpha | variant |" in text and "## k ablation" in text and "## Screening quality" in text
     for alpha in ("0", "0.2"):
-        for variant in ("none", "dinomaly", "knn"):
-            assert f"| {alpha} | {variant} |" in text
+        for variant in variants:
+            assert f"| {alpha} | {variant} | 2 |" in text  # two seeds per cell
+    assert " ± " in text  # mean ± std over the seeds
     for png in ("metrics_vs_alpha.png", "dpure_anomaly_fraction.png", "k_ablation.png"):
         assert (out / png).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
-    cells = {(c["alpha"], c["variant"]): c for c in results["cells"]}
-    assert cells[(0.2, "none")]["train_anomalies"] == 2 and cells[(0.2, "none")]["trained_on"] == 12
-    assert cells[(0.2, "dinomaly")]["trained_on"] == 6 and "i_auroc" in cells[(0.2, "knn")]["metrics"]
+    cells = {(c["seed"], c["alpha"], c["variant"]): c for c in results["cells"]}
+    assert len(cells) == 2 * 2 * len(variants)
+    none = cells[(0, 0.2, "none")]
+    assert none["train_anomalies"] == 2 and none["trained_on"] == 12
+    # The paper's cut drops 60% of the images; the default keeps every image (suspects are masked).
+    assert cells[(0, 0.2, "fixed")]["trained_on"] == 4 and cells[(0, 0.2, "paper")]["trained_on"] == 4
+    assert cells[(0, 0.2, "default")]["trained_on"] == 12
+    assert cells[(0, 0.2, "paper")]["screening"]["submodel"] == "dinomaly"
+    assert cells[(0, 0.2, "default")]["screening"]["submodel"] == "knn"
+    assert cells[(0, 0.2, "default")]["screening_auroc"] is not None and "i_auroc" in none["metrics"]
+    # Seeds change the planted defects.
+    seed_paths = [json.loads((out / f"seed_{s}" / "alpha_0.2" / "default" / "stage1" / "subsets.json").read_text())
+                  for s in (0, 1)]
+    assert seed_paths[0] != seed_paths[1]
     assert [(r["alpha"], r["k"]) for r in results["k_ablation"]] == [(0.2, 1), (0.2, 2)]
     assert all(len(r["single_anomalous_kept"]) == r["k"] for r in results["k_ablation"])
-    # k = llb.k reuses the dinomaly variant's screening instead of training it again.
-    assert not (out / "alpha_0.2" / "ablation_k2").exists()
     # Called again, the bench reads every finished piece back instead of training it again.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
-    run_contamination_bench(cfg, alphas=[0.0, 0.2], ks=[1, 2], out_dir=out, variants=["none", "dinomaly", "knn"])
+    run_contamination_bench(cfg, alphas=[0.0, 0.2], ks=[1, 2], out_dir=out, variants=variants, seeds=[0, 1])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == before

@@ -14,7 +14,10 @@ def test_defaults_follow_the_method_spec():
     assert (cfg.data.resize, cfg.data.crop) == (448, 392)
     assert (cfg.train.iterations, cfg.train.batch_size, cfg.train.lr, cfg.train.final_lr) == (5000, 16, 2e-3, 2e-4)
     assert (cfg.train.warmup_iterations, cfg.train.grad_clip, cfg.train.weight_decay) == (100, 0.1, 1e-4)
-    assert (cfg.llb.stages, cfg.llb.k, cfg.llb.keep, cfg.llb.submodel_iterations) == ("1,2", 5, 0.4, 1000)
+    assert (cfg.llb.stages, cfg.llb.k, cfg.llb.submodel_iterations) == ("1,2", 5, 1000)
+    # Product defaults that differ from the paper's benchmark setting (keep 0.4, drop, Dinomaly
+    # sub-models), measured in docs/RESULTS.md; the paper's values stay available.
+    assert (cfg.llb.keep, cfg.llb.keep_fraction, cfg.llb.above_cut, cfg.llb.submodel) == ("auto", None, "mask", "knn")
     assert (cfg.eval.map_size, cfg.eval.gaussian_sigma, cfg.eval.top_fraction) == (256, 4.0, 0.01)
 
 
@@ -23,7 +26,7 @@ def test_file_then_overrides_with_type_conversion(tmp_path):
     path.write_text('name = "a"\n[train]\niterations = 10\n[llb]\nk = 3\n')
     cfg = load_config(path, ["train.iterations=20", "train.cache_features=false", "llb.keep=0.25"])
     assert cfg.name == "a" and cfg.train.iterations == 20 and cfg.llb.k == 3
-    assert cfg.train.cache_features is False and cfg.llb.keep == 0.25
+    assert cfg.train.cache_features is False and cfg.llb.keep_fraction == 0.25
 
 
 @pytest.mark.parametrize(
@@ -34,6 +37,9 @@ def test_file_then_overrides_with_type_conversion(tmp_path):
         (["train.iterations=2.5"], "train.iterations: expected int"),
         (["llb.stages=3"], "llb.stages"),
         (["llb.keep=0"], "llb.keep"),
+        (["llb.keep=most"], "llb.keep must be auto or a fraction"),
+        (["llb.above_cut=keep"], "llb.above_cut"),
+        (["llb.outlier_z=0"], "llb.outlier_z"),
         (["data.crop=500"], "data.crop must not exceed"),
         (["train"], "not of the form"),
         (["train=5"], "expected a table"),

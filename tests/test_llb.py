@@ -55,6 +55,12 @@ class FakeSubModel(submodels.SubModel):
     def anomaly_maps(self, positions: np.ndarray) -> np.ndarray:
         return np.zeros((len(positions), 64, 64), np.float32)
 
+    def patch_scores(self, positions: np.ndarray) -> np.ndarray:
+        """One hot patch per image at (1, 2) holding the image's score: the rest scores 0."""
+        scores = np.zeros((len(positions), 4, 4), np.float32)
+        scores[:, 1, 2] = [crafted_score(self.paths[p], self.index) for p in positions]
+        return scores
+
     def save(self) -> None:
         (self.directory / "fake.txt").write_text("weights")
 
@@ -78,10 +84,13 @@ class StubFeatures:
         return EncoderFeatures(fused=torch.zeros(len(index), 1, 1), groups=[g[index] for g in self.groups])
 
 
-def fake_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int = 37, k: int = 4, keep: float = 0.3):
+def fake_setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int = 37, k: int = 4, keep: float | str = 0.3,
+    above_cut: str = "drop",
+):
     monkeypatch.setitem(submodels.SUBMODELS, "fake", FakeSubModel)
     FakeSubModel.calls = []
-    cfg = load_config(None, tiny_overrides(tmp_path / "run", llb__k=k, llb__keep=keep))
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", llb__k=k, llb__keep=keep, llb__above_cut=above_cut))
     cfg.llb.submodel = "fake"  # not a config choice: set after validation
     # Paths in a scrambled order, so that positions, subset order and path order all differ.
     order = np.random.default_rng(5).permutation(n)
@@ -145,7 +154,7 @@ def test_selection_is_exactly_the_lowest_by_path(tmp_path, monkeypatch):
         per_model = [float(row[f"score_{j}"]) for j in range(k)]
         assert per_model == pytest.approx([crafted_score(row["path"], j) for j in range(k)], abs=1e-12)
         assert float(row["mean"]) == pytest.approx(np.mean(per_model), abs=1e-12)
-    count = math.floor(n * cfg.llb.keep)
+    count = math.floor(n * cfg.llb.keep_fraction)
     lowest = sorted(rows, key=lambda r: (float(r["mean"]), r["path"]))[:count]
     expected = {r["path"] for r in lowest}
     independent = sorted(paths, key=lambda p: (np.mean([crafted_score(p, j) for j in range(k)]), p))[:count]
@@ -208,7 +217,8 @@ def tiny_real(tmp_path: Path, n_train: int = 12, **extra):
 def test_interrupted_dinomaly_submodel_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     from llb_edge.trainer.features import EncodedImages
 
-    cfg, samples, model, images, scorer = tiny_real(tmp_path, n_train=9, llb__k=3, llb__submodel_iterations=4,
+    cfg, samples, model, images, scorer = tiny_real(tmp_path, n_train=9, llb__k=3, llb__submodel="dinomaly",
+                                                    llb__submodel_iterations=4,
                                                     train__checkpoint_every=2)
     features = EncodedImages(model, images, torch.device("cpu"))
     reference = screen(cfg, model.encoder, features, samples, tmp_path / "straight", False, scorer)
@@ -305,19 +315,104 @@ def test_knn_submodel_removes_crafted_outliers_with_a_bounded_bank(tmp_path, mon
                                atol=2e-5)
 
 
-def test_knn_stage1_end_to_end_through_train(tmp_path):
+def test_default_stage1_end_to_end_through_train(tmp_path):
+    """The product default (knn sub-models, automatic cut, suspects masked) through `train`, with
+    a low outlier_z so the tiny set has suspects whose patches get masked."""
+    from safetensors.torch import load_file
+
     from llb_edge.trainer.pipeline import run_training
 
     run_dir = run_training(load_config(None, tiny_overrides(
-        tmp_path / "knn", llb__stages="1,2", llb__submodel="knn", train__iterations=4)), evaluate_after=False)
+        tmp_path / "knn", llb__stages="1,2", llb__outlier_z=0.5, train__iterations=4)), evaluate_after=False)
     metadata = json.loads((run_dir / "metadata.json").read_text())
     screening = metadata["screening"]
-    assert screening["submodel"] == "knn" and screening["kept"] == math.floor(24 * 0.4)
+    assert (screening["submodel"], screening["keep"], screening["above_cut"]) == ("knn", "auto", "mask")
+    assert screening["removed"] > 0 and screening["kept"] + screening["removed"] == 24
+    assert screening["estimated_contamination"] == pytest.approx(screening["removed"] / 24)
+    # Ranked for review: highest score first, every suspect above the cut.
+    suspects = screening["suspects"]
+    assert [s["score"] for s in suspects] == sorted((s["score"] for s in suspects), reverse=True)
+    assert all(s["score"] > screening["threshold"] for s in suspects) and len(suspects) == screening["removed"]
+    # Masking keeps every image; the suspects' masks are stored, and some patches really are out.
     purified = load_sample_list(run_dir / "stage1" / "purified.jsonl")
-    assert purified == load_sample_list(run_dir / "train_list.jsonl")
+    assert purified == load_sample_list(run_dir / "train_list.jsonl") and len(purified) == 24
+    masks = load_file(str(run_dir / "stage1" / "patch_masks.safetensors"))
+    assert len(masks["positions"]) == screening["removed"] and (masks["keep"] == 0).any()
+    assert 0 < screening["masked_patch_fraction"] < 1
     page = (run_dir / "stage1" / "report.html").read_text()
+    assert "Suspects, ranked for review" in page and Path(suspects[0]["path"]).name in page
     refs = re.findall(r'src="([^"]+\.png)"', page)
     assert refs and all((run_dir / "stage1" / ref).is_file() for ref in refs)
+
+
+def test_robust_scale_ignores_the_contaminated_upper_tail():
+    clean = np.random.default_rng(0).normal(1.0, 0.1, 400)
+    dirty = np.concatenate([clean, np.full(100, 5.0)])  # 20% far outliers
+    robust = llb.RobustScale.of(dirty)
+    # The half-normal estimate from below the median stays near sigma; the plain std explodes.
+    assert robust.scale == pytest.approx(0.1, rel=0.25) and dirty.std() > 1.0
+    assert robust.z(robust.median + 3 * robust.scale) == pytest.approx(3.0)
+
+
+def test_automatic_cut_keeps_a_clean_set_and_removes_clear_outliers():
+    rng = np.random.default_rng(1)
+    clean = {f"n{i}": float(v) for i, v in enumerate(rng.normal(1.0, 0.1, 300))}
+    kept, cut = llb.cut_ranking(clean, None, outlier_z=2.5)
+    assert len(kept) >= 0.98 * len(clean)  # a Gaussian tail beyond 2.5 sigma is ~0.6%
+    dirty = {**clean, **{f"a{i}": 3.0 + i for i in range(30)}}
+    kept, cut = llb.cut_ranking(dirty, None, outlier_z=2.5)
+    assert not any(p.startswith("a") for p in kept) and len(kept) >= 0.98 * len(clean)
+    assert kept == sorted(kept, key=lambda p: dirty[p])  # lowest first
+    # A fixed fraction ignores the data: the paper's 0.4 drops 60% of a clean set.
+    kept, cut = llb.cut_ranking(clean, 0.4, outlier_z=2.5)
+    assert len(kept) == 120 and cut == clean[kept[-1]]
+
+
+def test_suspect_patch_mask_dilates_by_one_patch():
+    scores = np.zeros((2, 5, 5), np.float32)
+    scores[0, 0, 0] = 2.0  # a corner patch above the cut
+    scores[0, 3, 3] = 1.0  # exactly at the cut: stays in
+    keep = llb.suspect_patch_mask(scores, cut=1.0)
+    expected = np.ones((5, 5), bool)
+    expected[0:2, 0:2] = False
+    assert (keep[0] == expected).all() and keep[1].all()
+
+
+def test_masked_points_neither_count_nor_get_gradient():
+    from llb_edge.trainer.loss import global_cosine_hm_loss
+
+    torch.manual_seed(0)
+    enc = [torch.randn(2, 8, 4, 4)]
+    dec = torch.randn(2, 8, 4, 4, requires_grad=True)
+    weights = torch.ones(2, 4, 4)
+    weights[0, 1, 2] = 0
+    loss = global_cosine_hm_loss(enc, [dec], p=0.0, point_weights=weights)
+    loss.backward()
+    assert dec.grad[0, :, 1, 2].abs().max() == 0 and dec.grad[0, :, 1, 1].abs().max() > 0
+    # Whatever the decoder puts at a masked point, the loss does not change.
+    changed = dec.detach().clone()
+    changed[0, :, 1, 2] = 100.0
+    assert global_cosine_hm_loss(enc, [changed], p=0.0, point_weights=weights).item() == pytest.approx(loss.item())
+    # All-ones weights are the plain loss.
+    plain = global_cosine_hm_loss(enc, [dec.detach()], p=0.0)
+    assert global_cosine_hm_loss(enc, [dec.detach()], p=0.0, point_weights=torch.ones(2, 4, 4)).item() == (
+        pytest.approx(plain.item()))
+
+
+def test_masking_keeps_every_image_and_masks_only_suspect_patches(tmp_path, monkeypatch):
+    cfg, samples, features = fake_setup(tmp_path, monkeypatch, keep="auto", above_cut="mask")
+    cfg.llb.outlier_z = 1.0
+    result = run_fake(cfg, samples, features, tmp_path / "run" / "stage1")
+    suspects = [i for i, s in enumerate(samples) if s.path not in set(result.kept)]
+    assert suspects and list(result.kept_positions) == list(range(len(samples)))
+    weights = result.loss_weights
+    assert weights.shape == (len(samples), 4, 4)
+    others = [i for i in range(len(samples)) if i not in suspects]
+    assert (weights[others] == 1).all()
+    # The fake's hot patch (1, 2) carries the image score: above the cut for every suspect, so it
+    # and its 3x3 neighbourhood are out; the far corner stays in.
+    assert (weights[suspects][:, 0:3, 1:4] == 0).all() and (weights[suspects][:, 3, 0] == 1).all()
+    assert result.summary["estimated_contamination"] == pytest.approx(len(suspects) / len(samples))
 
 
 def _train_in_subprocess(launcher: list[str], run_dir, **extra) -> subprocess.CompletedProcess:

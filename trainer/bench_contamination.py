@@ -1,26 +1,31 @@
 """`llb-edge bench contamination`: how much LLB screening buys as the training set gets dirtier.
 
-For each contamination level alpha:
+For each seed and contamination level alpha:
 
 - the training set: Real-IAD uses the official FUIAD split JSONs (``realiad_jsons_fuiad_<alpha>``,
   contamination already in the train list); every other dataset gets the synthetic protocol of
   method.md section 7 (``contaminate``: int(alpha * |train|) defective test images moved into
-  train and removed from test, seeded by ``data.split_seed``);
-- variants, all trained and evaluated on the same contaminated split: ``none`` (stage 2 on the
-  whole training set), ``dinomaly`` (LLB with Dinomaly sub-models), ``knn`` (LLB with the
-  training-free knn sub-model); each reports I-AUROC, P-AUROC, AUPRO on the test split and the
-  anomaly fraction of the set the final model was trained on (D_pure, or all of train);
-- the k ablation (paper Figure 4) at ``ablation_alphas``: for k in ``ks``, how many normal and
-  anomalous images D_pure keeps when selected by the consensus of k sub-models and by each single
-  sub-model alone.
+  train and removed from test, seeded by the seed, which also seeds stage 1 and stage 2);
+- variants, all trained and evaluated on the same contaminated split (``VARIANTS``): ``none``
+  (stage 2 on the whole training set), ``default`` (LLB as configured: the product default unless
+  ``--set llb.*`` changes it), ``fixed`` (the paper's cut: keep 0.4, drop the rest, same
+  sub-model), ``paper`` (keep 0.4 with Dinomaly sub-models), ``dinomaly`` / ``knn`` (the configured
+  cut with that sub-model); each reports I-AUROC, P-AUROC, AUPRO on the test split and how well
+  stage 1 ranked the planted defects (AUROC of the consensus score against the planted labels,
+  normal and anomalous images below the cut);
+- the k ablation (paper Figure 4) at ``ablation_alphas`` for the first seed: for k in ``ks``, how
+  many normal and anomalous images the lowest-scored fraction keeps when selected by the consensus
+  of k sub-models and by each single sub-model alone.
 
-The training images' encoder features are computed once per alpha and shared by every variant and
-every ablation run (same contaminated train set, same features). Each finished piece leaves a
-``result.json`` (and stage-1 sub-models their ``scores.json``), so an interrupted bench run picks up
-where it stopped when called again with the same ``out_dir``.
+The tables give mean and sample standard deviation over the seeds for every cell.
+
+The training images' encoder features are computed once per (seed, alpha) and shared by every
+variant. Each finished piece leaves a ``result.json`` (and stage-1 sub-models their
+``scores.json``), so an interrupted bench run picks up where it stopped when called again with the
+same ``out_dir``.
 
 Outputs in ``out_dir``: ``contamination.md`` (the tables), ``results.json``, ``metrics_vs_alpha.png``,
-``dpure_anomaly_fraction.png``, ``k_ablation.png``, and one folder per alpha with the runs.
+``dpure_anomaly_fraction.png``, ``k_ablation.png``, and one folder per seed and alpha with the runs.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch
 from matplotlib.figure import Figure
 
 from llb_edge import runs
-from llb_edge.config import RunConfig
+from llb_edge.config import PAPER_KEEP, RunConfig
 from llb_edge.data.images import validate_split
 from llb_edge.data.readers import load_contaminated
 from llb_edge.data.samples import ANOMALOUS, DatasetSplit, Sample
@@ -53,7 +58,7 @@ from llb_edge.trainer.train import train_dinomaly
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("none", "dinomaly", "knn")
+VARIANTS = ("none", "default", "fixed", "paper", "dinomaly", "knn")
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.4)
 DEFAULT_KS = (1, 3, 5, 7)
 METRICS = (("i_auroc", "I-AUROC"), ("p_auroc", "P-AUROC"), ("aupro", "AUPRO"))
@@ -71,25 +76,39 @@ def anomalies(samples: list[Sample]) -> int:
 
 def train_and_evaluate(
     cfg: RunConfig, encoder: DinoEncoder, features: EncodedImages, split: DatasetSplit, positions: np.ndarray,
-    run_dir: Path, device: torch.device,
+    run_dir: Path, device: torch.device, loss_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Stage 2 on ``positions`` of the shared features, then the test-split metrics."""
     torch.manual_seed(cfg.train.seed)
     final = Dinomaly(encoder, encoder_spec(cfg.model.encoder).num_heads, cfg.model.dropout).to(device)
     train_dinomaly(final, features, positions, cfg.train, cfg.train.iterations, cfg.train.seed,
                    checkpoint=run_dir / runs.CHECKPOINT, resume=True, log_path=run_dir / "train_log.jsonl",
-                   desc=f"stage 2 ({run_dir.parent.name}/{run_dir.name})")
+                   desc=f"stage 2 ({run_dir.parent.name}/{run_dir.name})", loss_weights=loss_weights)
     inspection = InspectionModel(final, make_scorer(cfg)).to(device).eval()
     metrics = evaluate(inspection, split.test, Geometry(cfg.data.resize, cfg.data.crop), cfg.eval, device)
     (run_dir / runs.CHECKPOINT).unlink(missing_ok=True)  # the bench keeps metrics, not models
     return metrics
 
 
+def variant_config(cfg: RunConfig, variant: str) -> RunConfig | None:
+    """The stage-1 settings of ``variant`` on top of ``cfg``; None for no screening."""
+    if variant == "none":
+        return None
+    vcfg = copy.deepcopy(cfg)
+    if variant in ("fixed", "paper"):
+        vcfg.llb.keep, vcfg.llb.above_cut = str(PAPER_KEEP), "drop"
+    if variant in ("paper", "dinomaly"):
+        vcfg.llb.submodel = "dinomaly"
+    if variant == "knn":
+        vcfg.llb.submodel = "knn"
+    return vcfg
+
+
 def run_variant(
     cfg: RunConfig, variant: str, alpha: float, split: DatasetSplit, encoder: DinoEncoder,
     features: EncodedImages, run_dir: Path, device: torch.device,
 ) -> dict[str, Any]:
-    """One (alpha, variant) cell of the table; read back from result.json when already done."""
+    """One (seed, alpha, variant) cell; read back from result.json when already done."""
     done = run_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -97,18 +116,25 @@ def run_variant(
     t0 = time.perf_counter()
     positions = np.arange(len(split.train))
     screening: dict[str, Any] = {}
-    if variant != "none":
-        vcfg = copy.deepcopy(cfg)
-        vcfg.llb.submodel = variant
+    loss_weights = None
+    below_cut = split.train
+    vcfg = variant_config(cfg, variant)
+    if vcfg is not None:
         result = screen(vcfg, encoder, features, split.train, run_dir / "stage1", True, make_scorer(cfg))
-        positions, screening = result.kept_positions, result.summary
+        positions, screening, loss_weights = result.kept_positions, result.summary, result.loss_weights
+        kept = set(result.kept)
+        below_cut = [s for s in split.train if s.path in kept]
+        screening = {key: value for key, value in screening.items() if key != "suspects"}
     trained_on = [split.train[i] for i in positions]
-    metrics = train_and_evaluate(cfg, encoder, features, split, positions, run_dir, device)
+    metrics = train_and_evaluate(cfg, encoder, features, split, positions, run_dir, device, loss_weights)
     record = {
-        "alpha": alpha, "variant": variant,
+        "seed": cfg.train.seed, "alpha": alpha, "variant": variant,
         "train": len(split.train), "train_anomalies": anomalies(split.train),
         "trained_on": len(trained_on), "trained_on_anomalies": anomalies(trained_on),
-        "anomaly_fraction": anomalies(trained_on) / len(trained_on),
+        "below_cut": len(below_cut), "below_cut_anomalies": anomalies(below_cut),
+        "anomaly_fraction": anomalies(below_cut) / len(below_cut),
+        "masked_patch_fraction": screening.get("masked_patch_fraction", 0.0),
+        "screening_auroc": screening.get("screening_auroc"),
         "metrics": metrics, "screening": screening, "seconds": time.perf_counter() - t0,
     }
     runs.write_json(done, record)
@@ -130,7 +156,7 @@ def k_ablation_row(
     kcfg = copy.deepcopy(cfg)
     kcfg.llb.k, kcfg.llb.submodel = k, submodel
     result = screen(kcfg, encoder, features, split.train, stage_dir, True, make_scorer(cfg))
-    count = keep_count(len(split.train), cfg.llb.keep)
+    count = keep_count(len(split.train), cfg.llb.keep_fraction or PAPER_KEEP)
     singles = [kept_counts(split.train, select_lowest(result.table.single(j), count)) for j in range(k)]
     normal, anomalous = kept_counts(split.train, result.kept)
     return {
@@ -152,43 +178,93 @@ def spread(values: list[int]) -> str:
     return f"{np.mean(values):.1f} [{min(values)}-{max(values)}]"
 
 
-def write_markdown(path: Path, cfg: RunConfig, cells: list[dict], ablation: list[dict], meta: dict) -> None:
+def mean_std(values: list[float | None], digits: int = 3) -> str:
+    """'mean ± sample std' over the seeds (just the value for one seed; '-' when missing)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    if len(present) == 1:
+        return f"{present[0]:.{digits}f}"
+    return f"{np.mean(present):.{digits}f} ± {np.std(present, ddof=1):.{digits}f}"
+
+
+def group_cells(cells: list[dict]) -> dict[tuple[float, str], list[dict]]:
+    """Cells grouped by (alpha, variant), in alpha then variant order."""
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for c in sorted(cells, key=lambda c: (c["alpha"], order.get(c["variant"], 99), c.get("seed", 0))):
+        groups.setdefault((c["alpha"], c["variant"]), []).append(c)
+    return groups
+
+
+def write_markdown(
+    path: Path, cfg: RunConfig, seeds: list[int], cells: list[dict], ablation: list[dict], meta: dict
+) -> None:
     synthetic = cfg.data.dataset != "realiad"
+    llb = cfg.llb
+    groups = group_cells(cells)
     lines = [
         "# Contamination benchmark",
         "",
         f"- dataset: {cfg.data.dataset} ({cfg.data.root}{', ' + cfg.data.category if cfg.data.category else ''}); "
         + ("synthetic contamination: int(alpha x |train|) defective test images moved into train and removed "
-           f"from test (seed {cfg.data.split_seed})" if synthetic else "official FUIAD split JSONs per alpha"),
+           "from test" if synthetic else "official FUIAD split JSONs per alpha"),
+        f"- seeds {', '.join(map(str, seeds))} (each seeds the split, stage 1 and stage 2); cells: mean ± sample "
+        "standard deviation over the seeds",
         f"- encoder {cfg.model.encoder}, weights {cfg.model.weights}, input {cfg.data.resize}->{cfg.data.crop} px",
         f"- stage 2: {cfg.train.iterations} iterations, batch {cfg.train.batch_size}, {cfg.train.precision}; "
-        f"stage 1: k = {cfg.llb.k}, keep t = {cfg.llb.keep:g}, Dinomaly sub-models {cfg.llb.submodel_iterations} "
-        f"iterations, knn bank <= {cfg.llb.knn_bank_size} patches, llb.seed {cfg.llb.seed}",
+        f"stage 1 (default variant): k = {llb.k}, {llb.submodel} sub-models, keep {llb.keep} "
+        f"(outlier z {llb.outlier_z:g}), above the cut: {llb.above_cut}; Dinomaly sub-models "
+        f"{llb.submodel_iterations} iterations, knn bank <= {llb.knn_bank_size} patches; fixed/paper: keep "
+        f"{PAPER_KEEP:g}, drop",
         f"- device {meta['device']}, wall time {meta['seconds'] / 60:.1f} min; invoked as `{meta['command']}`",
         "",
         "## Test metrics per contamination level",
         "",
-        "D_pure: the set the final model was trained on (all of train for `none`).",
+        "trained on: images stage 2 trained on (anomalous among them); for `mask`, suspects stay in with their "
+        "suspect patches left out of the loss (masked: share of all training patches).",
         "",
-        "| alpha | variant | train (anomalous) | D_pure | anomalous in D_pure | I-AUROC | P-AUROC | AUPRO |",
-        "|---|---|---|---|---|---|---|---|",
+        "| alpha | variant | seeds | train (anomalous) | trained on (anomalous) | masked | I-AUROC | P-AUROC | AUPRO |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in cells:
-        m = c["metrics"]
+    for (alpha, variant), group in groups.items():
+        first = group[0]
         lines.append(
-            f"| {c['alpha']:g} | {c['variant']} | {c['train']} ({c['train_anomalies']}) | {c['trained_on']} | "
-            f"{c['trained_on_anomalies']} ({c['anomaly_fraction']:.1%}) | {fmt(m.get('i_auroc'))} | "
-            f"{fmt(m.get('p_auroc'))} | {fmt(m.get('aupro'))} |"
+            f"| {alpha:g} | {variant} | {len(group)} | {first['train']} ({first['train_anomalies']}) | "
+            f"{np.mean([c['trained_on'] for c in group]):.0f} "
+            f"({np.mean([c['trained_on_anomalies'] for c in group]):.1f}) | "
+            f"{np.mean([c.get('masked_patch_fraction', 0.0) for c in group]):.1%} | "
+            + " | ".join(mean_std([c["metrics"].get(key) for c in group]) for key, _ in METRICS) + " |"
         )
+    screened = {key: group for key, group in groups.items() if key[1] != "none"}
+    if screened:
+        lines += [
+            "",
+            "## Screening quality",
+            "",
+            "AUROC of stage 1's consensus score against the planted labels (1.0: every planted defect ranked above "
+            "every normal image), and the images at or below the cut (the rest are the suspects).",
+            "",
+            "| alpha | variant | screening AUROC | suspects | normal below the cut | anomalous below the cut |",
+            "|---|---|---|---|---|---|",
+        ]
+        for (alpha, variant), group in screened.items():
+            lines.append(
+                f"| {alpha:g} | {variant} | {mean_std([c.get('screening_auroc') for c in group])} | "
+                f"{np.mean([c['train'] - c['below_cut'] for c in group]):.1f} | "
+                f"{np.mean([c['below_cut'] - c['below_cut_anomalies'] for c in group]):.1f} | "
+                f"{np.mean([c['below_cut_anomalies'] for c in group]):.1f} of "
+                f"{np.mean([c['train_anomalies'] for c in group]):.1f} |"
+            )
     if ablation:
         lines += [
             "",
             "## k ablation (paper Figure 4)",
             "",
-            "Images kept in D_pure (floor(N x t)) when selected by the consensus of k sub-models, and by each "
+            "Images kept (floor(N x t)) when selected by the consensus of k sub-models, and by each "
             "single sub-model's scores alone (mean [min-max] over the k sub-models).",
             "",
-            "| alpha | k | sub-model | D_pure | normal kept (consensus) | anomalous kept (consensus) | "
+            "| alpha | k | sub-model | kept | normal kept (consensus) | anomalous kept (consensus) | "
             "normal kept (single) | anomalous kept (single) |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -202,13 +278,19 @@ def write_markdown(path: Path, cfg: RunConfig, cells: list[dict], ablation: list
 
 def plot_metrics(path: Path, cells: list[dict]) -> None:
     fig = Figure(figsize=(12, 3.4), dpi=110)
-    variants = sorted({c["variant"] for c in cells}, key=lambda v: VARIANTS.index(v) if v in VARIANTS else 9)
+    groups = group_cells(cells)
+    variants = list(dict.fromkeys(variant for _, variant in groups))
     for i, (key, title) in enumerate(METRICS):
         ax = fig.add_subplot(1, len(METRICS), i + 1)
         for variant in variants:
-            points = [(c["alpha"], c["metrics"][key]) for c in cells if c["variant"] == variant and key in c["metrics"]]
+            points = [(alpha, [c["metrics"][key] for c in group if key in c["metrics"]])
+                      for (alpha, v), group in groups.items() if v == variant]
+            points = [(alpha, values) for alpha, values in points if values]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=variant)
+                x = [alpha for alpha, _ in points]
+                y = [np.mean(values) for _, values in points]
+                err = [np.std(values, ddof=1) if len(values) > 1 else 0.0 for _, values in points]
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=variant)
         ax.set_title(title)
         ax.set_xlabel("alpha")
         ax.grid(alpha=0.3)
@@ -220,12 +302,14 @@ def plot_metrics(path: Path, cells: list[dict]) -> None:
 def plot_fractions(path: Path, cells: list[dict]) -> None:
     fig = Figure(figsize=(5.5, 3.6), dpi=110)
     ax = fig.add_subplot()
-    for variant in sorted({c["variant"] for c in cells}):
-        points = [(c["alpha"], c["anomaly_fraction"]) for c in cells if c["variant"] == variant]
+    groups = group_cells(cells)
+    for variant in dict.fromkeys(variant for _, variant in groups):
+        points = [(alpha, np.mean([c["anomaly_fraction"] for c in group]))
+                  for (alpha, v), group in groups.items() if v == variant]
         label = "none (= train)" if variant == "none" else variant
         ax.plot(*zip(*points, strict=True), marker="o", label=label)
     ax.set_xlabel("alpha")
-    ax.set_ylabel("anomaly fraction of D_pure")
+    ax.set_ylabel("anomaly fraction below the cut")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -256,23 +340,33 @@ def plot_ablation(path: Path, ablation: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------- bench
 
 
+def seeded(cfg: RunConfig, seed: int) -> RunConfig:
+    """``cfg`` with one seed for the split (which defects are planted), stage 1 and stage 2."""
+    scfg = copy.deepcopy(cfg)
+    scfg.data.split_seed = scfg.train.seed = scfg.llb.seed = seed
+    return scfg
+
+
 def run_contamination_bench(
     cfg: RunConfig,
     alphas: list[float] | tuple[float, ...] = DEFAULT_ALPHAS,
     ks: list[int] | tuple[int, ...] = DEFAULT_KS,
     out_dir: Path = Path("bench_out/contamination"),
-    variants: list[str] | tuple[str, ...] = VARIANTS,
+    variants: list[str] | tuple[str, ...] = ("none", "default", "fixed"),
     ablation_alphas: list[float] | None = None,
     ablation_submodel: str = "dinomaly",
+    seeds: list[int] | tuple[int, ...] | None = None,
 ) -> Path:
     """Run the benchmark into ``out_dir`` (resumable); returns the path of the Markdown table.
 
-    ``ablation_alphas``: where to run the k ablation; default: the largest alpha > 0 in ``alphas``
-    (one level bounds its cost: sum(ks) sub-model trainings); [] skips it, as does ks = [].
+    ``seeds``: one full repeat per seed (default: ``cfg.data.split_seed`` alone).
+    ``ablation_alphas``: where to run the k ablation (first seed only); default: the largest alpha > 0
+    in ``alphas`` (one level bounds its cost: sum(ks) sub-model fits); [] skips it, as does ks = [].
     """
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    seeds = list(seeds) if seeds else [cfg.data.split_seed]
     positive = [a for a in alphas if a > 0]
     if ablation_alphas is None:
         ablation_alphas = [max(positive)] if positive else []
@@ -290,28 +384,34 @@ def run_contamination_bench(
 
     cells: list[dict] = []
     ablation: list[dict] = []
-    for alpha in sorted(set(alphas) | set(ablation_alphas)):
-        split = validate_split(load_contaminated(cfg.data, alpha, cfg.data.split_seed), cfg.data.on_bad_file)
-        log.info("alpha %g: %s", alpha, split.summary())
-        alpha_dir = out_dir / f"alpha_{alpha:g}"
-        # One feature cache per contaminated training set, shared by all its variants and k runs.
-        images = load_model_inputs(split.train, geometry, desc=f"loading train images (alpha {alpha:g})")
-        features = EncodedImages.from_config(model, images, device, cfg.train, spill_dir=alpha_dir)
-        if alpha in alphas:
-            for variant in variants:
-                cells.append(run_variant(cfg, variant, alpha, split, encoder, features, alpha_dir / variant, device))
-        if alpha in ablation_alphas:
-            for k in ks:
-                stage_dir = alpha_dir / f"ablation_k{k}"
-                if k == cfg.llb.k and ablation_submodel in variants and alpha in alphas:
-                    stage_dir = alpha_dir / ablation_submodel / "stage1"  # same screening: reuse it
-                ablation.append(k_ablation_row(cfg, k, alpha, split, encoder, features, stage_dir, ablation_submodel))
-        del features, images
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for seed in seeds:
+        scfg = seeded(cfg, seed)
+        seed_ablation = ablation_alphas if seed == seeds[0] else []
+        for alpha in sorted(set(alphas) | set(seed_ablation)):
+            split = validate_split(load_contaminated(scfg.data, alpha, seed), scfg.data.on_bad_file)
+            log.info("seed %d, alpha %g: %s", seed, alpha, split.summary())
+            alpha_dir = out_dir / f"seed_{seed}" / f"alpha_{alpha:g}"
+            pending = [v for v in variants if alpha in alphas and not (alpha_dir / v / "result.json").is_file()]
+            if not pending and alpha not in seed_ablation:
+                cells += [json.loads((alpha_dir / v / "result.json").read_text()) for v in variants]
+                continue
+            # One feature cache per contaminated training set, shared by all its variants and k runs.
+            images = load_model_inputs(split.train, geometry, desc=f"train images (seed {seed}, alpha {alpha:g})")
+            features = EncodedImages.from_config(model, images, device, scfg.train, spill_dir=alpha_dir)
+            if alpha in alphas:
+                cells += [run_variant(scfg, variant, alpha, split, encoder, features, alpha_dir / variant, device)
+                          for variant in variants]
+            if alpha in seed_ablation:
+                for k in ks:
+                    stage_dir = alpha_dir / f"ablation_k{k}"
+                    ablation.append(k_ablation_row(scfg, k, alpha, split, encoder, features, stage_dir,
+                                                   ablation_submodel))
+            del features, images
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
-    meta = {"device": str(device), "seconds": time.perf_counter() - t0, "command": " ".join(sys.argv)}
+    meta = {"device": str(device), "seconds": time.perf_counter() - t0, "command": " ".join(sys.argv), "seeds": seeds}
     runs.write_json(out_dir / "results.json", {"meta": meta, "cells": cells, "k_ablation": ablation})
     if cells:
         plot_metrics(out_dir / "metrics_vs_alpha.png", cells)
@@ -319,5 +419,5 @@ def run_contamination_bench(
     if ablation:
         plot_ablation(out_dir / "k_ablation.png", ablation)
     markdown = out_dir / "contamination.md"
-    write_markdown(markdown, cfg, cells, ablation, meta)
+    write_markdown(markdown, cfg, seeds, cells, ablation, meta)
     return markdown

@@ -5,7 +5,15 @@
 2. Fit a fresh sub-model on each subset (seed derived from ``llb.seed`` and the subset index).
 3. Every sub-model scores EVERY training image, its own subset included.
 4. Consensus score = plain mean of the k raw scores (no per-model normalisation).
-5. Keep the floor(N * keep) lowest consensus scores: D_pure.
+5. Cut the ranking. ``llb.keep = 0.4`` (the paper): keep the floor(N * keep) lowest consensus
+   scores. ``llb.keep = "auto"`` (the default): the cut is the median plus ``llb.outlier_z`` robust
+   standard deviations, the scale taken from the scores below the median (the clean side of the
+   distribution: contamination only ever adds to the upper tail). Images above the cut are the
+   suspects; their share is reported as the estimated contamination.
+6. Suspects leave D_pure (``llb.above_cut = "drop"``, the paper), or stay with their suspect patches
+   masked out of the stage-2 loss (``"mask"``, the default): a patch is suspect when its consensus
+   patch score (the mean of the sub-models' patch scores) lies above the cut, dilated by one patch.
+   A defect is a few patches of an otherwise normal image; dropping the image throws the rest away.
 
 Everything is keyed by image path: each sub-model's scores are written as ``{path: score}``, the
 score table is a dict path -> k scores, the selection sorts paths, and positions into the sample
@@ -19,8 +27,9 @@ Artifacts under ``<run>/stage1/``::
                               presence marks the sub-model as finished)
     submodel_<j>/model.safetensors | bank.safetensors   its weights (Dinomaly) or bank (knn)
     submodel_<j>/checkpoint.safetensors, train_log.jsonl   while a Dinomaly sub-model trains
-    scores.csv                per image: path, label, subset, score per sub-model, mean, rank, kept
+    scores.csv                per image: rank, path, label, subset, score per sub-model, mean, kept | suspect
     purified.jsonl            D_pure as a sample list
+    patch_masks.safetensors   above_cut = mask: the suspects' positions and their loss masks
     summary.json              what run_stage1 returns (also stored in metadata.json by the pipeline)
     report.html + *.png       the screening report; removed/ holds the image + map panels
 
@@ -50,12 +59,15 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
+from safetensors.torch import save_file
 
 from llb_edge.config import RunConfig
 from llb_edge.data.images import read_image_rgb, read_mask
 from llb_edge.data.samples import ANOMALOUS, UNKNOWN, Sample, save_sample_list
 from llb_edge.data.transforms import Geometry
+from llb_edge.metrics import image_metrics
 from llb_edge.models.dinomaly import AnomalyScorer, DinoEncoder
 from llb_edge.runs import RunError, read_json, write_json
 from llb_edge.trainer.evaluate import overlay
@@ -76,6 +88,7 @@ SCORES = "scores.json"
 TABLE = "scores.csv"
 PURIFIED = "purified.jsonl"
 SUMMARY = "summary.json"
+PATCH_MASKS = "patch_masks.safetensors"
 REPORT = "report.html"
 REPORT_REMOVED = 8  # removed images shown with their anomaly maps
 RANK_WAIT_SECONDS = 6 * 3600  # torchrun: how long a rank waits for another rank's sub-model scores
@@ -107,6 +120,53 @@ def select_lowest(consensus: dict[str, float], count: int) -> list[str]:
     return sorted(consensus, key=lambda path: (consensus[path], path))[:count]
 
 
+@dataclass(frozen=True)
+class RobustScale:
+    """Median and a contamination-proof standard deviation of a score distribution.
+
+    The scale is the root mean square distance to the median of the scores at or below it (the
+    half-normal estimate of sigma): unlabelled defects only ever raise scores, so the lower half is
+    the clean side. A plain MAD counts the contaminated upper tail and widens with it.
+    """
+
+    median: float
+    scale: float
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> RobustScale:
+        median = float(np.median(values))
+        lower = values[values <= median]
+        scale = float(np.sqrt(np.mean((lower - median) ** 2)))
+        return cls(median, scale if scale > 0 else float(np.finfo(np.float64).tiny))
+
+    def z(self, value: float) -> float:
+        return (value - self.median) / self.scale
+
+
+def automatic_cut(consensus: dict[str, float], outlier_z: float) -> float:
+    """The consensus score above which an image is a suspect: median + outlier_z robust sigmas."""
+    robust = RobustScale.of(np.fromiter(consensus.values(), float))
+    return robust.median + outlier_z * robust.scale
+
+
+def cut_ranking(consensus: dict[str, float], keep: float | None, outlier_z: float) -> tuple[list[str], float]:
+    """(paths at or below the cut, lowest first; the cut). ``keep`` None: the automatic cut."""
+    if keep is not None:
+        kept = select_lowest(consensus, keep_count(len(consensus), keep))
+        return kept, consensus[kept[-1]]
+    cut = automatic_cut(consensus, outlier_z)
+    ranked = select_lowest(consensus, len(consensus))
+    return [p for p in ranked if consensus[p] <= cut], cut
+
+
+def suspect_patch_mask(patch_scores: np.ndarray, cut: float) -> np.ndarray:
+    """bool [B, grid, grid]: True where a patch stays in the loss (score at or below the cut, and no
+    suspect neighbour: the dilation covers the fringe of a defect whose score falls just under it)."""
+    suspect = torch.from_numpy(np.asarray(patch_scores, np.float32) > cut).float()[:, None]
+    dilated = F.max_pool2d(suspect, kernel_size=3, stride=1, padding=1)[:, 0]
+    return (dilated == 0).numpy()
+
+
 @dataclass
 class ScreeningTable:
     """Every sub-model's raw score for every training image, keyed by path."""
@@ -127,9 +187,12 @@ class ScreeningTable:
 class Stage1Result:
     table: ScreeningTable
     consensus: dict[str, float]
-    kept: list[str]  # D_pure, lowest consensus first
-    kept_positions: np.ndarray  # the same images as positions into the sample list, ascending
+    kept: list[str]  # at or below the cut, lowest consensus first
+    kept_positions: np.ndarray  # what stage 2 trains on, as positions into the sample list, ascending
     summary: dict[str, Any]
+    # above_cut = mask: float [N, grid, grid] over all positions, 0 where a patch is left out of the
+    # stage-2 loss; None when nothing is masked.
+    loss_weights: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------ running sub-models
@@ -261,19 +324,34 @@ def screen(
             scores={path: [scores[path] for scores in per_model] for path in paths},
         )
         consensus = table.consensus()
-        kept = select_lowest(consensus, keep_count(len(paths), llb.keep))
+        kept, cut = cut_ranking(consensus, llb.keep_fraction, llb.outlier_z)
         kept_set = set(kept)
-        kept_positions = np.asarray([i for i, path in enumerate(paths) if path in kept_set], dtype=np.int64)
-        summary = summarise(cfg, samples, table, consensus, kept, stage_dir)
-        result = Stage1Result(table, consensus, kept, kept_positions, summary)
+        below = np.asarray([i for i, path in enumerate(paths) if path in kept_set], dtype=np.int64)
+        suspects = np.asarray([i for i, path in enumerate(paths) if path not in kept_set], dtype=np.int64)
+        loss_weights = None
+        if llb.above_cut == "mask" and len(suspects):
+            keep_mask = suspect_patch_mask(mean_over_submodels(ctx, stage_dir, seeds, suspects, "patch_scores"), cut)
+            loss_weights = torch.ones((len(paths), *keep_mask.shape[1:]), dtype=torch.float32)
+            loss_weights[torch.from_numpy(suspects)] = torch.from_numpy(keep_mask).float()
+            trained = np.arange(len(paths), dtype=np.int64)
+        else:
+            trained = below
+        summary = summarise(cfg, samples, table, consensus, kept, cut, loss_weights, stage_dir)
+        result = Stage1Result(table, consensus, kept, trained, summary, loss_weights)
         if rank == 0:
             write_table(stage_dir / TABLE, samples, table, consensus, kept)
-            save_sample_list([samples[i] for i in kept_positions], stage_dir / PURIFIED)
+            save_sample_list([samples[i] for i in trained], stage_dir / PURIFIED)
+            if loss_weights is not None:
+                save_file({"positions": torch.from_numpy(suspects),
+                           "keep": loss_weights[torch.from_numpy(suspects)].to(torch.uint8).contiguous()},
+                          str(stage_dir / PATCH_MASKS))
             write_report(stage_dir, ctx, samples, result, seeds)
         summary["seconds"] = time.perf_counter() - t0
         if rank == 0:
             write_json(stage_dir / SUMMARY, summary)
-    log.info("stage 1: kept %d of %d images (threshold %.5f)", len(kept), len(paths), summary["threshold"])
+    log.info("stage 1: %d of %d images above the cut %.5f (estimated contamination %.1f%%): %s",
+             summary["removed"], len(paths), cut, 100 * summary["estimated_contamination"],
+             "suspect patches masked" if loss_weights is not None else "dropped")
     if summary["labels_known"]:
         log.info("stage 1: anomaly fraction %.1f%% before screening, %.1f%% in the kept set",
                  100 * summary["anomaly_fraction_before"], 100 * summary["anomaly_fraction_after"])
@@ -288,10 +366,24 @@ def run_stage1(
     run_dir: Path,
     resume: bool,
     scorer: AnomalyScorer,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """The pipeline's entry point: positions of D_pure in ``samples`` (ascending) and a summary."""
-    result = screen(cfg, encoder, features, samples, Path(run_dir) / STAGE1, resume, scorer)
-    return result.kept_positions, result.summary
+) -> Stage1Result:
+    """The pipeline's entry point: stage 1 on ``samples`` into ``run_dir/stage1``."""
+    return screen(cfg, encoder, features, samples, Path(run_dir) / STAGE1, resume, scorer)
+
+
+def mean_over_submodels(
+    ctx: Stage1Context, stage_dir: Path, seeds: list[int], positions: np.ndarray, what: str
+) -> np.ndarray:
+    """The mean over the fitted sub-models of their ``anomaly_maps`` or ``patch_scores`` at ``positions``:
+    the consensus at pixel or patch level, as the consensus score is the mean of theirs."""
+    total = None
+    for j, seed in enumerate(seeds):
+        sub = create_submodel(ctx, j, seed, submodel_dir(stage_dir, j))
+        sub.load()
+        one = getattr(sub, what)(positions)
+        total = one if total is None else total + one
+        del sub
+    return total / len(seeds)
 
 
 # ------------------------------------------------------------------------------------- artifacts
@@ -303,22 +395,31 @@ def labels_known(samples: list[Sample]) -> bool:
 
 def summarise(
     cfg: RunConfig, samples: list[Sample], table: ScreeningTable, consensus: dict[str, float], kept: list[str],
-    stage_dir: Path,
+    cut: float, loss_weights: torch.Tensor | None, stage_dir: Path,
 ) -> dict[str, Any]:
     llb = cfg.llb
     kept_set = set(kept)
     per_model = [read_json(submodel_dir(stage_dir, j) / SCORES) for j in range(llb.k)]
+    robust = RobustScale.of(np.fromiter(consensus.values(), float))
+    suspects = sorted((p for p in consensus if p not in kept_set), key=lambda p: -consensus[p])
     summary: dict[str, Any] = {
         "submodel": llb.submodel,
         "k": llb.k,
         "keep": llb.keep,
+        "outlier_z": llb.outlier_z,
+        "above_cut": llb.above_cut,
         "seed": llb.seed,
         "submodel_iterations": llb.submodel_iterations if llb.submodel == "dinomaly" else 0,
         "images": len(table.paths),
         "kept": len(kept),
         "removed": len(table.paths) - len(kept),
-        # The highest kept consensus score: every image at or below it (ties aside) is in D_pure.
-        "threshold": consensus[kept[-1]],
+        # Every image whose consensus score is at or below the cut (ties aside) is below it.
+        "threshold": cut,
+        "consensus_median": robust.median,
+        "consensus_scale": robust.scale,
+        "estimated_contamination": len(suspects) / len(table.paths),
+        "suspects": [{"path": p, "score": consensus[p], "z": robust.z(consensus[p])} for p in suspects],
+        "masked_patch_fraction": 0.0 if loss_weights is None else float(1.0 - loss_weights.mean()),
         "subset_sizes": [int(sum(1 for s in table.subset.values() if s == j)) for j in range(llb.k)],
         "submodel_fit_seconds": [float(r["fit"].get("seconds", 0.0)) for r in per_model],
         "submodel_score_seconds": [float(r["score_seconds"]) for r in per_model],
@@ -335,8 +436,18 @@ def summarise(
             "anomaly_fraction_before": len(anomalous) / len(samples),
             "anomalies_after": after,
             "anomaly_fraction_after": after / len(kept),
+            # How well the consensus ranks the known anomalies (1.0: all above every normal image).
+            "screening_auroc": screening_auroc(consensus, anomalous),
         })
     return summary
+
+
+def screening_auroc(consensus: dict[str, float], anomalous: set[str]) -> float | None:
+    """AUROC of the consensus score against known labels; None with one class only."""
+    labels = np.asarray([p in anomalous for p in consensus])
+    if labels.all() or not labels.any():
+        return None
+    return image_metrics(np.fromiter(consensus.values(), float), labels)["i_auroc"]
 
 
 def write_table(
@@ -355,7 +466,7 @@ def write_table(
             sample = by_path[p]
             writer.writerow([rank, p, "" if sample.label == UNKNOWN else sample.label, sample.defect_type,
                              table.subset[p], *[repr(v) for v in table.scores[p]], repr(consensus[p]),
-                             "kept" if p in kept_set else "removed"])
+                             "kept" if p in kept_set else "suspect"])
 
 
 def plot_histogram(path: Path, samples: list[Sample], consensus: dict[str, float], threshold: float) -> None:
@@ -408,15 +519,7 @@ def removed_panels(
         return []
     position = {s.path: i for i, s in enumerate(samples)}
     positions = np.asarray([position[p] for p in chosen])
-    # The consensus map: the mean of the k sub-models' maps, as the score is the mean of theirs.
-    maps = None
-    for j, seed in enumerate(seeds):
-        sub = create_submodel(ctx, j, seed, submodel_dir(stage_dir, j))
-        sub.load()
-        one = sub.anomaly_maps(positions)
-        maps = one if maps is None else maps + one
-        del sub
-    maps = maps / len(seeds)
+    maps = mean_over_submodels(ctx, stage_dir, seeds, positions, "anomaly_maps")
     geometry = Geometry(ctx.cfg.data.resize, ctx.cfg.data.crop)
     out_dir = stage_dir / "removed"
     out_dir.mkdir(exist_ok=True)
@@ -446,9 +549,13 @@ def write_report(
     rows = [
         ("sub-model", s["submodel"] + (f", {s['submodel_iterations']} iterations" if s["submodel_iterations"] else "")),
         ("subsets k", f"{s['k']} (sizes {', '.join(map(str, s['subset_sizes']))})"),
-        ("keep fraction t", f"{s['keep']:g}: floor({s['images']} x {s['keep']:g}) = {s['kept']} kept"),
-        ("removed", str(s["removed"])),
-        ("cut (highest kept consensus score)", f"{s['threshold']:.6g}"),
+        ("cut", f"{s['threshold']:.6g}: " + (
+            f"median {s['consensus_median']:.4g} + {s['outlier_z']:g} x robust sigma {s['consensus_scale']:.4g}"
+            if s["keep"] == "auto" else f"fixed keep fraction {s['keep']}: floor({s['images']} x {s['keep']})")),
+        ("images above the cut (estimated contamination)",
+         f"{s['removed']} of {s['images']} ({s['estimated_contamination']:.1%})"),
+        ("what happens to them", "kept, suspect patches masked out of the stage-2 loss "
+         f"({s['masked_patch_fraction']:.2%} of all patches)" if s["above_cut"] == "mask" else "dropped"),
         ("sub-model fit time (s)", ", ".join(f"{t:.1f}" for t in s["submodel_fit_seconds"])),
     ]
     if s["labels_known"]:
@@ -461,6 +568,13 @@ def write_report(
     else:
         rows.append(("anomaly fraction", "unknown: the training images are unlabelled"))
     table_html = "".join(f"<tr><th>{html.escape(a)}</th><td>{html.escape(b)}</td></tr>" for a, b in rows)
+    by_path = {sample.path: sample for sample in samples}
+    suspects_html = "".join(
+        f"<tr><td>{rank + 1}</td><td>{html.escape(item['path'])}</td><td>{item['score']:.5g}</td>"
+        f"<td>{item['z']:.2f}</td><td>{'' if by_path[item['path']].label == UNKNOWN else by_path[item['path']].label}"
+        "</td></tr>"
+        for rank, item in enumerate(s["suspects"])
+    )
     figures = "".join(
         f'<figure><img src="{name}" alt="removed image {i}"><figcaption>{html.escape(Path(sample.path).name)}'
         f"<br>score {score:.5g}{'' if sample.label == UNKNOWN else ', label ' + str(sample.label)}"
@@ -476,17 +590,21 @@ figure {{ display: inline-block; margin: 6px; font-size: 12px; }} figure img {{ 
 </style></head><body>
 <h1>LLB stage 1: screening report</h1>
 <p>{s['images']} training images were split into {s['k']} disjoint subsets; a sub-model was fitted on each,
-every sub-model scored every training image, and the {s['kept']} images with the lowest mean score form D_pure
-(<a href="{PURIFIED}">{PURIFIED}</a>). Per-image scores: <a href="{TABLE}">{TABLE}</a>.</p>
+every sub-model scored every training image, and the ranking of their mean score was cut; the final model
+trains on <a href="{PURIFIED}">{PURIFIED}</a>. Per-image scores: <a href="{TABLE}">{TABLE}</a>.</p>
 <table>{table_html}</table>
 <h2>Consensus scores and the cut</h2>
 <img src="score_histogram.png" alt="score histogram">
 <h2>Kept and removed per subset</h2>
 <img src="subset_counts.png" alt="kept and removed per subset">
-<h2>Highest-scored removed images</h2>
+<h2>Suspects, ranked for review</h2>
+<p>The images above the cut, highest consensus score first (z: robust standard deviations above the
+median). A person reviewing the training set should look at these first.</p>
+<table><tr><th>#</th><th>image</th><th>score</th><th>z</th><th>label</th></tr>{suspects_html}</table>
+<h2>Highest-scored suspects</h2>
 <p>Left: the model input; right: the consensus anomaly map (mean of the sub-models' maps) over it,
 ground-truth outline in green where a mask is known.</p>
-{figures or "<p>none removed</p>"}
+{figures or "<p>no suspects</p>"}
 </body></html>
 """
     (stage_dir / REPORT).write_text(page, encoding="utf-8")

@@ -40,12 +40,23 @@ def scale_gradient(tensor: torch.Tensor, mask: torch.Tensor, factor: float) -> t
 
 
 def global_cosine_hm_loss(
-    enc_groups: list[torch.Tensor], dec_groups: list[torch.Tensor], p: float, factor: float = 0.1
+    enc_groups: list[torch.Tensor],
+    dec_groups: list[torch.Tensor],
+    p: float,
+    factor: float = 0.1,
+    point_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over groups of mean over images of 1 - cos(flatten(enc_i), flatten(dec_i))."""
+    """Mean over groups of mean over images of 1 - cos(flatten(enc_i), flatten(dec_i)).
+
+    ``point_weights`` [B, H, W] (1 = in the loss, 0 = out) leaves points out of both vectors, so a
+    masked point neither counts in the cosine nor receives gradient (LLB's patch-level screening).
+    """
     losses = []
     for enc, dec in zip(enc_groups, dec_groups, strict=True):
         enc = enc.detach()
+        if point_weights is not None:
+            weights = point_weights[:, None].to(enc.dtype)
+            enc, dec = enc * weights, dec * weights
         dec = scale_gradient(dec, easy_point_mask(enc, dec, p), factor)
         cos = F.cosine_similarity(enc.flatten(1), dec.flatten(1), dim=1)
         losses.append((1.0 - cos).mean())

@@ -84,12 +84,14 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
     stages = {s.strip() for s in cfg.llb.stages.split(",")}
     kept = np.arange(len(split.train))
     screening: dict = {}
+    loss_weights = None
     if "1" in stages:
         from llb_edge.trainer.llb import run_stage1
 
-        kept, screening = run_stage1(cfg, model.encoder, features, split.train, run_dir, resume, make_scorer(cfg))
+        stage1 = run_stage1(cfg, model.encoder, features, split.train, run_dir, resume, make_scorer(cfg))
         if not is_primary_rank():
             return run_dir
+        kept, screening, loss_weights = stage1.kept_positions, stage1.summary, stage1.loss_weights
     train_samples = [split.train[i] for i in kept]
     save_sample_list(train_samples, run_dir / runs.TRAIN_LIST)
 
@@ -98,6 +100,7 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
     result = train_dinomaly(
         final, features, kept, cfg.train, cfg.train.iterations, cfg.train.seed,
         checkpoint=run_dir / runs.CHECKPOINT, resume=resume, log_path=run_dir / "train_log.jsonl", desc="stage 2",
+        loss_weights=loss_weights,
     )
     save_file({k: v.detach().cpu().contiguous() for k, v in final.trainable_state_dict().items()},
               str(run_dir / runs.MODEL))

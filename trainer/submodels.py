@@ -88,6 +88,11 @@ class SubModel(ABC):
         """Anomaly maps, float32 [len(positions), map_size, map_size], for the screening report."""
 
     @abstractmethod
+    def patch_scores(self, positions: np.ndarray) -> np.ndarray:
+        """Per-patch anomaly scores, float32 [len(positions), grid, grid], in the image score's units
+        (the image score is their maximum, or close to it): what patch-level screening thresholds."""
+
+    @abstractmethod
     def save(self) -> None:
         """Persist what the fitted sub-model needs to score again into ``directory``."""
 
@@ -131,6 +136,11 @@ class DinomalySubModel(SubModel):
         batch = self.ctx.features.batch(positions)
         maps, _, _ = self.ctx.scorer(batch.groups, self.model.decode(batch.fused))
         return maps[:, 0].float().cpu().numpy()
+
+    def patch_scores(self, positions: np.ndarray) -> np.ndarray:
+        grid = self.ctx.encoder.grid
+        maps = torch.from_numpy(self.anomaly_maps(positions))[:, None]
+        return F.adaptive_max_pool2d(maps, grid)[:, 0].numpy()
 
     def save(self) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.trainable_state_dict().items()}
@@ -223,6 +233,10 @@ class KnnSubModel(SubModel):
 
     def score(self, positions: np.ndarray) -> np.ndarray:
         return self.patch_distances(positions).amax(dim=1).float().cpu().numpy()
+
+    def patch_scores(self, positions: np.ndarray) -> np.ndarray:
+        grid = self.ctx.encoder.grid
+        return self.patch_distances(positions).view(len(positions), grid, grid).float().cpu().numpy()
 
     def anomaly_maps(self, positions: np.ndarray) -> np.ndarray:
         grid, size = self.ctx.encoder.grid, self.ctx.scorer.map_size

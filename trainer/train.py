@@ -91,8 +91,13 @@ def train_dinomaly(
     resume: bool = False,
     log_path: Path | None = None,
     desc: str = "train",
+    loss_weights: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Train ``model``'s bottleneck and decoder on the images at ``indices`` of ``features``."""
+    """Train ``model``'s bottleneck and decoder on the images at ``indices`` of ``features``.
+
+    ``loss_weights`` [len(features), grid, grid]: per-patch weights of the loss (0 = left out), from
+    LLB's patch-level screening; None: every patch counts.
+    """
     device = features.device
     model.to(device).train()
     optimizer = StableAdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -110,11 +115,13 @@ def train_dinomaly(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             p = hard_mining_fraction(it, cfg.hm_max, cfg.hm_ramp_iterations)
-            batch = features.batch(indices[batch_indices(it, len(indices), cfg.batch_size, seed)])
+            chosen = indices[batch_indices(it, len(indices), cfg.batch_size, seed)]
+            batch = features.batch(chosen)
+            weights = None if loss_weights is None else loss_weights[torch.from_numpy(chosen)].to(device)
 
             with autocast:
                 decoded = model.decode(batch.fused)
-                loss = global_cosine_hm_loss(batch.groups, [d.float() for d in decoded], p, cfg.hm_factor)
+                loss = global_cosine_hm_loss(batch.groups, [d.float() for d in decoded], p, cfg.hm_factor, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
