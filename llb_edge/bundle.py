@@ -109,9 +109,13 @@ class BundleManifest:
             values["preprocessing"] = Preprocessing(**values["preprocessing"])
             values["threshold"] = Threshold(**values["threshold"])
             values["files"] = {name: ModelFile(**spec) for name, spec in values["files"].items()}
-            return cls(**values)
-        except (KeyError, TypeError) as err:
+            manifest = cls(**values)
+        except (KeyError, TypeError, AttributeError) as err:  # AttributeError: "files" not an object
             raise BundleError(f"bundle.json does not match schema {SCHEMA_VERSION}: {err}") from err
+        for name, spec in manifest.files.items():
+            if not isinstance(spec.path, str) or not isinstance(spec.sha256, str):
+                raise BundleError(f"bundle.json files.{name}: 'path' and 'sha256' must be strings")
+        return manifest
 
 
 @dataclass
@@ -146,9 +150,11 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     if not path.is_file():
         raise BundleError(f"{root} is not a bundle: {MANIFEST_NAME} is missing (create one with llb-edge export)")
     try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{path} is not valid JSON: {err}") from err
+        values = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # ValueError: also UnicodeDecodeError and JSONDecodeError
+        raise BundleError(f"{path} is not valid UTF-8 JSON: {err}") from err
+    if not isinstance(values, dict):
+        raise BundleError(f"{path} must hold a JSON object, got {type(values).__name__}")
     version = values.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(

@@ -24,7 +24,7 @@ import enum
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,12 +41,16 @@ HEARTBEAT_TOPIC = b"hb"
 RESULT_TOPIC_PREFIX = b"result/"
 
 MAX_HEADER_BYTES = 16 * 1024
+# A frame header is an object holding a list; extra fields may nest, but not without end: deep
+# nesting is how a hostile JSON text exhausts a recursive parser.
+MAX_HEADER_DEPTH = 32
 MAX_SIDE = 16384  # pixels per image side; bigger is a corrupt header, not a camera
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 
 # Camera ids become part of a PUB topic and a metrics label, so they are kept to a safe alphabet.
 CAMERA_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_FRAME_ID_CHARS = 128
+SHOWN_VALUE_CHARS = 80  # an invalid field's value is quoted in error messages up to this length
 
 DECISION_OK = "OK"
 DECISION_NG = "NG"
@@ -57,13 +61,13 @@ class ErrorCode(enum.IntEnum):
     tags (ErrorCode registers) and never changes meaning once released."""
 
     BAD_MESSAGE = 1  # wrong number of message parts
-    BAD_HEADER = 2  # header is not a JSON object or a required field is missing or invalid
-    UNKNOWN_VERSION = 3  # header "version" is not one this daemon speaks
-    UNKNOWN_ENCODING = 4  # "encoding" is not raw, jpeg or png
-    BAD_SHAPE = 5  # raw "shape" invalid or not matching the payload length
-    BAD_DTYPE = 6  # raw "dtype" not uint8 or uint16
-    DECODE_FAILED = 7  # JPEG/PNG payload could not be decoded
-    TOO_LARGE = 8  # payload or decoded image over the daemon's size limit
+    BAD_HEADER = 2  # header is not a JSON object, or a required field is missing or invalid
+    UNKNOWN_VERSION = 3  # header "version" is present but not one this daemon speaks
+    UNKNOWN_ENCODING = 4  # "encoding" is present but not raw, jpeg or png
+    BAD_SHAPE = 5  # raw "shape" present but invalid or not matching the payload length
+    BAD_DTYPE = 6  # raw "dtype" present but not uint8 or uint16
+    DECODE_FAILED = 7  # JPEG/PNG payload is not a file of that format or could not be decoded
+    TOO_LARGE = 8  # payload or image (size read from its header) over the daemon's size limits
     DROPPED = 9  # replaced by a newer frame of the same camera (keep-newest queue was full)
     TOO_MANY_CAMERAS = 10  # a camera id beyond the daemon's camera limit
     INFERENCE_FAILED = 11  # the model failed or returned non-finite values for this frame
@@ -71,7 +75,8 @@ class ErrorCode(enum.IntEnum):
 
 
 class ProtocolError(ValueError):
-    """A message that breaks the protocol; ``camera_id``/``frame_id`` are set when attributable."""
+    """A message that breaks the protocol; ``camera_id``/``frame_id`` are set when attributable,
+    ``capture_ts`` whenever the frame carried a valid one (its error result echoes it)."""
 
     def __init__(
         self,
@@ -80,12 +85,19 @@ class ProtocolError(ValueError):
         *,
         camera_id: str | None = None,
         frame_id: int | str | None = None,
+        capture_ts: float | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.camera_id = camera_id
         self.frame_id = frame_id
+        self.capture_ts = capture_ts
+
+    @classmethod
+    def for_frame(cls, header: FrameHeader, code: ErrorCode, message: str) -> ProtocolError:
+        """The error of a frame whose header was valid: attributable, capture time included."""
+        return cls(code, message, camera_id=header.camera_id, frame_id=header.frame_id, capture_ts=header.capture_ts)
 
     @property
     def attributable(self) -> bool:
@@ -97,13 +109,53 @@ def _dumps(values: dict[str, Any]) -> bytes:
     return json.dumps(values, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _loads_object(data: bytes, what: str) -> dict[str, Any]:
+def _is_number(value: object) -> bool:
+    """A finite JSON number (bools are ints in Python, and ints can be too big for a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
     try:
-        values = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"{what} is not valid JSON: {err}") from err
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message that may travel back to the sender: a hostile value can be long."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[: SHOWN_VALUE_CHARS - 3] + "..."
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _nesting_exceeds(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _loads_object(data: bytes, what: str) -> dict[str, Any]:
+    """A UTF-8 JSON object; anything else (other encodings, NaN, deep nesting) is BAD_HEADER."""
+    too_deep = f"{what} is nested deeper than {MAX_HEADER_DEPTH} levels"
+    try:
+        # Decoded here, not by json.loads(bytes), which would also accept UTF-16 and UTF-32.
+        values = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except RecursionError as err:
+        raise ProtocolError(ErrorCode.BAD_HEADER, too_deep) from err
+    except ValueError as err:  # also UnicodeDecodeError, JSONDecodeError and over-long integers
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"{what} is not valid UTF-8 JSON: {err}") from err
     if not isinstance(values, dict):
         raise ProtocolError(ErrorCode.BAD_HEADER, f"{what} must be a JSON object, got {type(values).__name__}")
+    if _nesting_exceeds(values, MAX_HEADER_DEPTH):
+        raise ProtocolError(ErrorCode.BAD_HEADER, too_deep)
     return values
 
 
@@ -185,16 +237,16 @@ def raw_frame_header(
     )
 
 
-def _check_raw_layout(values: dict[str, Any], camera_id: str, frame_id: int | str) -> tuple[str, tuple[int, ...]]:
-    dtype = values.get("dtype")
+def _check_raw_layout(
+    values: dict[str, Any], fail: Callable[[ErrorCode, str], ProtocolError]
+) -> tuple[str, tuple[int, ...]]:
+    for name in ("dtype", "shape"):
+        if values.get(name) is None:
+            raise fail(ErrorCode.BAD_HEADER, f"a raw frame's header has no {name!r}")
+    dtype = values["dtype"]
     if dtype not in RAW_DTYPES:
-        raise ProtocolError(
-            ErrorCode.BAD_DTYPE,
-            f"raw dtype must be one of {', '.join(RAW_DTYPES)}, got {dtype!r}",
-            camera_id=camera_id,
-            frame_id=frame_id,
-        )
-    shape = values.get("shape")
+        raise fail(ErrorCode.BAD_DTYPE, f"raw dtype must be one of {', '.join(RAW_DTYPES)}, got {_shown(dtype)}")
+    shape = values["shape"]
     valid = (
         isinstance(shape, list)
         and len(shape) in (2, 3)
@@ -203,11 +255,10 @@ def _check_raw_layout(values: dict[str, Any], camera_id: str, frame_id: int | st
         and (len(shape) == 2 or shape[2] in RAW_CHANNELS)
     )
     if not valid:
-        raise ProtocolError(
+        raise fail(
             ErrorCode.BAD_SHAPE,
-            f"raw shape must be [H, W] or [H, W, C] with sides 1..{MAX_SIDE} and C in {RAW_CHANNELS}, got {shape!r}",
-            camera_id=camera_id,
-            frame_id=frame_id,
+            f"raw shape must be [H, W] or [H, W, C] with sides 1..{MAX_SIDE} and C in {RAW_CHANNELS}, "
+            f"got {_shown(shape)}",
         )
     return dtype, tuple(shape)
 
@@ -217,8 +268,10 @@ def decode_frame(
 ) -> tuple[FrameHeader, memoryview]:
     """Validate a frame message; returns the header and a zero-copy view of the payload.
 
-    Checks run from the outside in so that the camera and frame id are known (and carried by the
-    error) as early as possible.
+    Checks run from the outside in so that the camera and frame id (and the capture time, which
+    error results echo) are known and carried by the error as early as possible. A required field
+    that is missing or null is BAD_HEADER; a present one with a value this daemon does not accept
+    has its own code (UNKNOWN_VERSION, UNKNOWN_ENCODING, BAD_DTYPE, BAD_SHAPE).
     """
     if len(parts) == 0:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "empty message")
@@ -229,32 +282,43 @@ def decode_frame(
 
     camera_id = values.get("camera_id")
     frame_id = values.get("frame_id")
+    capture_ts = values.get("capture_ts")
     known_camera = camera_id if is_valid_camera_id(camera_id) else None
     known_frame = frame_id if is_valid_frame_id(frame_id) else None
+    known_capture_ts = float(capture_ts) if _is_number(capture_ts) else None
 
     def fail(code: ErrorCode, message: str) -> ProtocolError:
-        return ProtocolError(code, message, camera_id=known_camera, frame_id=known_frame)
+        return ProtocolError(code, message, camera_id=known_camera, frame_id=known_frame, capture_ts=known_capture_ts)
 
-    if "version" not in values:
-        raise fail(ErrorCode.BAD_HEADER, "header has no 'version'")
-    version = values["version"]
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
-        raise fail(ErrorCode.UNKNOWN_VERSION, f"protocol version {version!r}; this daemon speaks {PROTOCOL_VERSION}")
+    def require(name: str) -> Any:
+        if values.get(name) is None:
+            raise fail(ErrorCode.BAD_HEADER, f"header has no {name!r}")
+        return values[name]
+
+    # The version first: a header of another version may lack or redefine any other field.
+    version = require("version")
+    # type() and not ==: 1.0 and true both equal 1 in Python, and neither is the integer 1.
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise fail(
+            ErrorCode.UNKNOWN_VERSION,
+            f"protocol version {_shown(version)}; this daemon speaks the integer {PROTOCOL_VERSION}",
+        )
     if known_camera is None:
-        raise fail(ErrorCode.BAD_HEADER, f"'camera_id' must match {CAMERA_ID_PATTERN.pattern}, got {camera_id!r}")
+        require("camera_id")
+        raise fail(ErrorCode.BAD_HEADER, f"'camera_id' must match {CAMERA_ID_PATTERN.pattern}, got {_shown(camera_id)}")
     if known_frame is None:
+        require("frame_id")
         raise fail(
             ErrorCode.BAD_HEADER,
-            f"'frame_id' must be an integer >= 0 or a string of 1..{MAX_FRAME_ID_CHARS} chars, got {frame_id!r}",
+            f"'frame_id' must be an integer >= 0 or a string of 1..{MAX_FRAME_ID_CHARS} chars, got {_shown(frame_id)}",
         )
-    encoding = values.get("encoding")
+    encoding = require("encoding")
     if encoding not in ENCODINGS:
-        raise fail(ErrorCode.UNKNOWN_ENCODING, f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
-    capture_ts = values.get("capture_ts")
-    if capture_ts is not None and (
-        isinstance(capture_ts, bool) or not isinstance(capture_ts, int | float) or not math.isfinite(capture_ts)
-    ):
-        raise fail(ErrorCode.BAD_HEADER, f"'capture_ts' must be a number (Unix seconds), got {capture_ts!r}")
+        raise fail(
+            ErrorCode.UNKNOWN_ENCODING, f"encoding must be one of {', '.join(ENCODINGS)}, got {_shown(encoding)}"
+        )
+    if capture_ts is not None and known_capture_ts is None:
+        raise fail(ErrorCode.BAD_HEADER, f"'capture_ts' must be a number (Unix seconds), got {_shown(capture_ts)}")
     if len(parts) != 2:
         raise fail(ErrorCode.BAD_MESSAGE, f"a frame message has 2 parts [header, payload], got {len(parts)}")
 
@@ -267,12 +331,12 @@ def decode_frame(
     dtype: str | None = None
     shape: tuple[int, ...] | None = None
     if encoding == "raw":
-        dtype, shape = _check_raw_layout(values, known_camera, known_frame)
+        dtype, shape = _check_raw_layout(values, fail)
     header = FrameHeader(
         camera_id=known_camera,
         frame_id=known_frame,
         encoding=encoding,
-        capture_ts=None if capture_ts is None else float(capture_ts),
+        capture_ts=known_capture_ts,
         dtype=dtype,
         shape=shape,
     )
@@ -378,39 +442,96 @@ class ResultHeader:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ResultHeader:
-        try:
-            region = values.get("region")
-            error = values.get("error")
-            map_info = values.get("map")
-            image_size = values.get("image_size")
-            return cls(
-                version=values["version"],
-                camera_id=values["camera_id"],
-                frame_id=values["frame_id"],
-                decision=values["decision"],
-                score=values.get("score"),
-                score_max=values.get("score_max"),
-                threshold=values.get("threshold"),
-                region=None if region is None else Region(int(region["area_px"]), tuple(region["bbox"])),
-                image_size=None if image_size is None else tuple(image_size),
-                model_id=values.get("model_id"),
-                model_version=values.get("model_version"),
-                backend=values.get("backend"),
-                latency_ms=dict(values.get("latency_ms") or {}),
-                capture_ts=values.get("capture_ts"),
-                published_ts=values.get("published_ts"),
-                error=None if error is None else ErrorInfo(ErrorCode[error["code"]], error["message"]),
-                map=None
-                if map_info is None
-                else MapInfo(
-                    encoding=map_info["encoding"],
-                    shape=tuple(map_info["shape"]),
-                    value_range=tuple(map_info["range"]),
-                    crop_box=tuple(map_info["crop_box"]),
-                ),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"result header does not match protocol v1: {err!r}") from err
+        """A result header from its JSON object; BAD_HEADER names the first field that breaks v1."""
+
+        def read(name: str, valid: Callable[[Any], bool], expected: str, required: bool = False) -> Any:
+            value = values.get(name)
+            if value is None and not required:
+                return None
+            if not valid(value):
+                raise ProtocolError(
+                    ErrorCode.BAD_HEADER, f"result header field {name!r} must be {expected}, got {_shown(value)}"
+                )
+            return value
+
+        region = read("region", _is_region, '{"area_px": int, "bbox": [x, y, w, h]} or null')
+        error = read("error", _is_error, '{"code": an error code name, "message": string} or null')
+        map_info = read("map", _is_map, '{"encoding", "shape": [M, M], "range": [lo, hi], "crop_box"} or null')
+        image_size = read("image_size", lambda value: _is_list_of(value, 2, _is_positive_int), "[H, W] or null")
+        return cls(
+            version=read("version", _is_int, "an integer", required=True),
+            camera_id=read("camera_id", is_valid_camera_id, f"a camera id matching {CAMERA_ID_PATTERN.pattern}", True),
+            frame_id=read("frame_id", is_valid_frame_id, "an integer >= 0 or a string", required=True),
+            decision=read("decision", lambda value: value in (DECISION_OK, DECISION_NG), '"OK", "NG" or null'),
+            score=read("score", _is_number, "a number or null"),
+            score_max=read("score_max", _is_number, "a number or null"),
+            threshold=read("threshold", _is_number, "a number or null"),
+            region=None if region is None else Region(region["area_px"], tuple(region["bbox"])),
+            image_size=None if image_size is None else tuple(image_size),
+            model_id=read("model_id", _is_str, "a string or null"),
+            model_version=read("model_version", _is_str, "a string or null"),
+            backend=read("backend", _is_str, "a string or null"),
+            latency_ms=read("latency_ms", _is_latencies, "an object of numbers") or {},
+            capture_ts=read("capture_ts", _is_number, "a number or null"),
+            published_ts=read("published_ts", _is_number, "a number or null"),
+            error=None if error is None else ErrorInfo(ErrorCode[error["code"]], error["message"]),
+            map=None
+            if map_info is None
+            else MapInfo(
+                encoding=map_info["encoding"],
+                shape=tuple(map_info["shape"]),
+                value_range=tuple(map_info["range"]),
+                crop_box=tuple(map_info["crop_box"]),
+            ),
+        )
+
+
+# Checks of decoded JSON values. type() is int, not isinstance(): JSON true must not pass as 1.
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_positive_int(value: object) -> bool:
+    return type(value) is int and value > 0
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_list_of(value: object, count: int, valid_item: Callable[[Any], bool]) -> bool:
+    return isinstance(value, list) and len(value) == count and all(valid_item(item) for item in value)
+
+
+def _is_region(value: object) -> bool:
+    return isinstance(value, dict) and _is_count(value.get("area_px")) and _is_list_of(value.get("bbox"), 4, _is_count)
+
+
+def _is_error(value: object) -> bool:
+    if not isinstance(value, dict):
+        return False
+    code = value.get("code")
+    return isinstance(code, str) and code in ErrorCode.__members__ and isinstance(value.get("message"), str)
+
+
+def _is_map(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("encoding"), str)
+        and _is_list_of(value.get("shape"), 2, _is_positive_int)
+        and _is_list_of(value.get("range"), 2, _is_number)
+        and _is_list_of(value.get("crop_box"), 4, _is_number)
+    )
+
+
+def _is_latencies(value: object) -> bool:
+    return isinstance(value, dict) and all(_is_number(seconds) for seconds in value.values())
 
 
 def result_topic(camera_id: str) -> bytes:

@@ -492,8 +492,7 @@ class Daemon:
             self._count_error(err.code, err.message, err.camera_id, err.frame_id)
             if err.attributable:
                 assert err.camera_id is not None and err.frame_id is not None
-                capture_ts = header.capture_ts if header is not None else None
-                self._publish_error(err.camera_id, err.frame_id, capture_ts, err.code, err.message)
+                self._publish_error(err.camera_id, err.frame_id, err.capture_ts, err.code, err.message)
         except Exception as err:  # noqa: BLE001 - a bug must not take the intake down
             logger.exception("intake_internal_error", extra={"fields": {"error": repr(err)}})
             if header is not None:

@@ -18,8 +18,12 @@ import numpy as np
 from llb_edge.data.images import ImageReadError, decode_image_bytes
 from llb_edge.data.transforms import Geometry
 from llb_edge.protocol import ErrorCode, FrameHeader, ProtocolError, raw_payload_to_array
+from llb_edge.runtime.image_header import ImageHeaderError, read_image_header
 
-DEFAULT_MAX_PIXELS = 64_000_000  # a decoded image bigger than this is refused (JPEG bombs)
+DEFAULT_MAX_PIXELS = 64_000_000  # a frame bigger than this is refused (JPEG/PNG bombs)
+# A frame's pixel buffer (raw as sent, JPEG/PNG as the decoder outputs it) may take at most
+# max_pixels of 8-bit RGBA: 8-bit frames are bounded by their pixels, 16-bit ones count double.
+MAX_BYTES_PER_PIXEL = 4
 
 
 def raw_to_rgb8(image: np.ndarray) -> np.ndarray:
@@ -39,24 +43,39 @@ def raw_to_rgb8(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def _check_frame_size(header: FrameHeader, height: int, width: int, buffer_bytes: int, max_pixels: int) -> None:
+    """ProtocolError(TOO_LARGE) when a frame's pixels or pixel buffer are over the limits."""
+    if height * width > max_pixels:
+        raise ProtocolError.for_frame(header, ErrorCode.TOO_LARGE, f"{height}x{width} is over {max_pixels} pixels")
+    max_bytes = MAX_BYTES_PER_PIXEL * max_pixels
+    if buffer_bytes > max_bytes:
+        raise ProtocolError.for_frame(
+            header,
+            ErrorCode.TOO_LARGE,
+            f"{height}x{width} takes {buffer_bytes} bytes as pixels, over {max_bytes} "
+            f"({MAX_BYTES_PER_PIXEL} bytes x {max_pixels} pixels)",
+        )
+
+
 def decode_frame_image(header: FrameHeader, payload: memoryview, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """The frame's pixels as uint8 HxWx3 RGB; ProtocolError(DECODE_FAILED | TOO_LARGE) if not."""
+    """The frame's pixels as uint8 HxWx3 RGB; ProtocolError(DECODE_FAILED | TOO_LARGE) if not.
 
-    def fail(code: ErrorCode, message: str) -> ProtocolError:
-        return ProtocolError(code, message, camera_id=header.camera_id, frame_id=header.frame_id)
-
+    A JPEG/PNG payload must be a file of its label's format, and its size is read from the file
+    header and checked before the decoder allocates anything.
+    """
     if header.encoding == "raw":
         assert header.shape is not None  # decode_frame guarantees it for raw
-        if header.shape[0] * header.shape[1] > max_pixels:
-            raise fail(ErrorCode.TOO_LARGE, f"{header.shape[0]}x{header.shape[1]} is over {max_pixels} pixels")
+        _check_frame_size(header, header.shape[0], header.shape[1], header.expected_raw_bytes(), max_pixels)
         return raw_to_rgb8(raw_payload_to_array(header, payload))
     try:
-        image = decode_image_bytes(payload, name=f"{header.encoding} frame {header.camera_id}/{header.frame_id}")
+        info = read_image_header(payload, header.encoding)
+    except ImageHeaderError as err:
+        raise ProtocolError.for_frame(header, ErrorCode.DECODE_FAILED, err.reason) from err
+    _check_frame_size(header, info.height, info.width, info.decoded_bytes, max_pixels)
+    try:
+        return decode_image_bytes(payload, name=f"{header.encoding} frame {header.camera_id}/{header.frame_id}")
     except ImageReadError as err:
-        raise fail(ErrorCode.DECODE_FAILED, err.reason) from err
-    if image.shape[0] * image.shape[1] > max_pixels:
-        raise fail(ErrorCode.TOO_LARGE, f"decoded {image.shape[0]}x{image.shape[1]} is over {max_pixels} pixels")
-    return image
+        raise ProtocolError.for_frame(header, ErrorCode.DECODE_FAILED, err.reason) from err
 
 
 @dataclass
@@ -114,11 +133,8 @@ class FrameQueues:
             queue = self._queues.get(camera)
             if queue is None:
                 if len(self._queues) >= self.max_cameras:
-                    raise ProtocolError(
-                        ErrorCode.TOO_MANY_CAMERAS,
-                        f"already serving {self.max_cameras} cameras",
-                        camera_id=camera,
-                        frame_id=frame.header.frame_id,
+                    raise ProtocolError.for_frame(
+                        frame.header, ErrorCode.TOO_MANY_CAMERAS, f"already serving {self.max_cameras} cameras"
                     )
                 queue = self._queues[camera] = deque()
                 self._order.append(camera)

@@ -65,7 +65,9 @@ def _check_jpeg_complete(buf: np.ndarray, name: str) -> None:
     """
     data = buf.tobytes()
     last_sos = data.rfind(b"\xff\xda")
-    if last_sos < 0 or data.find(b"\xff\xd9", last_sos) < 0:
+    if last_sos < 0:
+        raise ImageReadError(name, "corrupt or truncated JPEG (no start-of-scan marker: no image data)")
+    if data.find(b"\xff\xd9", last_sos) < 0:
         raise ImageReadError(name, "truncated JPEG (no end-of-image marker after the last scan)")
 
 

@@ -121,6 +121,7 @@ def _malformed_messages(max_payload: int) -> list[tuple[list, ErrorCode, bool]]:
 
     pixels = bytes(8 * 8 * 3)
     jpeg = encoded(square_frame(400, 400, (10, 10, 50, 50)), "jpeg")
+    small_jpeg = encoded(square_frame(200, 200, (10, 10, 50, 50)), "jpeg")
     too_big = bytes(300 * 300 * 3)
     messages = []
     for round_index in range(20):
@@ -139,7 +140,8 @@ def _malformed_messages(max_payload: int) -> list[tuple[list, ErrorCode, bool]]:
             ([header(base + 8, shape=[8, 8, 3, 1]), pixels], ErrorCode.BAD_SHAPE, True),
             ([header(base + 9, dtype="float64"), pixels], ErrorCode.BAD_DTYPE, True),
             ([header(base + 10, encoding="jpeg"), b"\xff\xd8 definitely not a jpeg"], ErrorCode.DECODE_FAILED, True),
-            ([header(base + 11, encoding="jpeg"), jpeg[: len(jpeg) // 2]], ErrorCode.DECODE_FAILED, True),
+            # Within max_pixels: a truncated JPEG over it is TOO_LARGE, its size read from its header.
+            ([header(base + 11, encoding="jpeg"), small_jpeg[: len(small_jpeg) // 2]], ErrorCode.DECODE_FAILED, True),
             ([header(base + 12, encoding="png"), pixels], ErrorCode.DECODE_FAILED, True),
             ([header(base + 13, shape=[300, 300, 3]), too_big], ErrorCode.TOO_LARGE, True),
             ([header(base + 14, encoding="jpeg"), jpeg], ErrorCode.TOO_LARGE, True),  # 160k px > max_pixels

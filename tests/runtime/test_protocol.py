@@ -138,18 +138,26 @@ MALFORMED = {
     "header not an object": ([b"[1, 2]", PAYLOAD], ErrorCode.BAD_HEADER, False),
     "header too big": ([b" " * 20000, PAYLOAD], ErrorCode.BAD_HEADER, False),
     "no version": ([header_bytes(**_valid_header(version=None)), PAYLOAD], ErrorCode.BAD_HEADER, True),
+    "null version": ([b'{"version":null,"camera_id":"cam1","frame_id":7}', PAYLOAD], ErrorCode.BAD_HEADER, True),
+    "no encoding": ([header_bytes(**_valid_header(encoding=None)), PAYLOAD], ErrorCode.BAD_HEADER, True),
+    "no dtype": ([header_bytes(**_valid_header(dtype=None)), PAYLOAD], ErrorCode.BAD_HEADER, True),
+    "no shape": ([header_bytes(**_valid_header(shape=None)), PAYLOAD], ErrorCode.BAD_HEADER, True),
+    "NaN": ([header_bytes(**_valid_header()).replace(b"7", b"NaN"), PAYLOAD], ErrorCode.BAD_HEADER, False),
+    "utf-16": ([json.dumps(_valid_header()).encode("utf-16"), PAYLOAD], ErrorCode.BAD_HEADER, False),
+    "deep": ([b'{"x":' + b"[" * 3000 + b"]" * 3000 + b"}", PAYLOAD], ErrorCode.BAD_HEADER, False),
     "bad camera id": ([header_bytes(**_valid_header(camera_id="../etc")), PAYLOAD], ErrorCode.BAD_HEADER, False),
     "negative frame id": ([header_bytes(**_valid_header(frame_id=-1)), PAYLOAD], ErrorCode.BAD_HEADER, False),
     "bool frame id": ([header_bytes(**_valid_header(frame_id=True)), PAYLOAD], ErrorCode.BAD_HEADER, False),
     "bad capture_ts": ([header_bytes(**_valid_header(capture_ts="noon")), PAYLOAD], ErrorCode.BAD_HEADER, True),
     "version 2": ([header_bytes(**_valid_header(version=2)), PAYLOAD], ErrorCode.UNKNOWN_VERSION, True),
+    "version 1.0": ([header_bytes(**_valid_header(version=1.0)), PAYLOAD], ErrorCode.UNKNOWN_VERSION, True),
+    "version true": ([header_bytes(**_valid_header(version=True)), PAYLOAD], ErrorCode.UNKNOWN_VERSION, True),
     "encoding bmp": ([header_bytes(**_valid_header(encoding="bmp")), PAYLOAD], ErrorCode.UNKNOWN_ENCODING, True),
     "header only": ([header_bytes(**_valid_header())], ErrorCode.BAD_MESSAGE, True),
     "three parts": ([header_bytes(**_valid_header()), PAYLOAD, b"x"], ErrorCode.BAD_MESSAGE, True),
     "empty payload": ([header_bytes(**_valid_header()), b""], ErrorCode.BAD_MESSAGE, True),
     "too large": ([header_bytes(**_valid_header()), bytes(1001)], ErrorCode.TOO_LARGE, True),
     "float dtype": ([header_bytes(**_valid_header(dtype="float32")), PAYLOAD], ErrorCode.BAD_DTYPE, True),
-    "no shape": ([header_bytes(**_valid_header(shape=None)), PAYLOAD], ErrorCode.BAD_SHAPE, True),
     "two channels": ([header_bytes(**_valid_header(shape=[4, 6, 2])), PAYLOAD], ErrorCode.BAD_SHAPE, True),
     "side too big": ([header_bytes(**_valid_header(shape=[4, 100000, 3])), PAYLOAD], ErrorCode.BAD_SHAPE, True),
     "size mismatch": ([header_bytes(**_valid_header(shape=[4, 5, 3])), PAYLOAD], ErrorCode.BAD_SHAPE, True),
@@ -165,6 +173,32 @@ def test_decode_frame_refuses_malformed(name: str) -> None:
     assert caught.value.attributable is attributable
     if attributable:
         assert (caught.value.camera_id, caught.value.frame_id) == ("cam1", 7)
+
+
+def test_frame_errors_carry_the_capture_time_and_short_values() -> None:
+    parts = [header_bytes(**_valid_header(version="x" * 1000, capture_ts=12.5)), PAYLOAD]
+    with pytest.raises(ProtocolError) as caught:
+        decode_frame(parts)
+    assert caught.value.code is ErrorCode.UNKNOWN_VERSION and caught.value.capture_ts == 12.5
+    assert len(caught.value.message) < 200  # a hostile value is not echoed in full
+
+
+def test_result_decoder_names_the_field_that_breaks_the_protocol() -> None:
+    header = ResultHeader(camera_id="cam1", frame_id=9, decision="OK", score=0.5, region=Region(4, (1, 2, 2, 2)))
+    body = json.loads(encode_result(header)[1])
+    for field, value in [
+        ("region", {"area_px": 1e400, "bbox": [1, 2, 3, 4]}),
+        ("score", "0.5"),
+        ("decision", 1),
+        ("error", {"code": ["BAD_HEADER"], "message": "x"}),
+        ("latency_ms", [[1, 2]]),
+        ("map", {"encoding": "uint8", "shape": [2.0, 3.0], "range": [0, 1], "crop_box": [0, 0, 1, 1]}),
+        ("frame_id", -1),
+    ]:
+        broken = json.dumps({**body, field: value}).replace("Infinity", "1e400").encode()
+        with pytest.raises(ProtocolError) as caught:
+            decode_result([result_topic("cam1"), broken])
+        assert caught.value.code is ErrorCode.BAD_HEADER and repr(field) in caught.value.message
 
 
 @pytest.mark.parametrize(
