@@ -330,7 +330,8 @@ def bench_contamination(
     ks: Annotated[str, typer.Option(help="k values for the ablation, comma-separated.")] = "1,3,5,7",
     variants: Annotated[str, typer.Option(
         help="Comma-separated: none (no screening), default (LLB as configured), fixed (keep 0.4, drop: the paper's "
-             "cut), paper (keep 0.4 with Dinomaly sub-models), dinomaly, knn (configured cut, that sub-model).")
+             "cut), paper (keep 0.4 with Dinomaly sub-models), dinomaly, knn (configured cut, that sub-model), oracle "
+             "(normal images only, from the planted labels: the ceiling for any screen).")
     ] = "none,default,fixed",
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated: one repeat each (split, stage 1, stage 2).")] = (
         "0,1,2"

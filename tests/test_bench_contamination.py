@@ -63,7 +63,7 @@ def test_tiny_bench_writes_the_tables_and_plots(tmp_path):
         tmp_path / "cfg", data__max_train=10, data__max_test=8, train__iterations=3, llb__k=2,
         llb__submodel_iterations=3))
     out = tmp_path / "bench"
-    variants = ["none", "default", "fixed", "paper"]
+    variants = ["none", "default", "fixed", "paper", "oracle"]
     markdown = run_contamination_bench(cfg, alphas=[0.0, 0.2], ks=[1, 2], out_dir=out, variants=variants,
                                        seeds=[0, 1])
     text = markdown.read_text()
@@ -82,6 +82,7 @@ def test_tiny_bench_writes_the_tables_and_plots(tmp_path):
     # The paper's cut drops 60% of the images; the default keeps every image (suspects are masked).
     assert cells[(0, 0.2, "fixed")]["trained_on"] == 4 and cells[(0, 0.2, "paper")]["trained_on"] == 4
     assert cells[(0, 0.2, "default")]["trained_on"] == 12
+    assert (cells[(0, 0.2, "oracle")]["trained_on"], cells[(0, 0.2, "oracle")]["trained_on_anomalies"]) == (10, 0)
     assert cells[(0, 0.2, "paper")]["screening"]["submodel"] == "dinomaly"
     assert cells[(0, 0.2, "default")]["screening"]["submodel"] == "knn"
     assert cells[(0, 0.2, "default")]["screening_auroc"] is not None and "i_auroc" in none["metrics"]

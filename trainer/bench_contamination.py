@@ -10,9 +10,10 @@ For each seed and contamination level alpha:
   (stage 2 on the whole training set), ``default`` (LLB as configured: the product default unless
   ``--set llb.*`` changes it), ``fixed`` (the paper's cut: keep 0.4, drop the rest, same
   sub-model), ``paper`` (keep 0.4 with Dinomaly sub-models), ``dinomaly`` / ``knn`` (the configured
-  cut with that sub-model); each reports I-AUROC, P-AUROC, AUPRO on the test split and how well
-  stage 1 ranked the planted defects (AUROC of the consensus score against the planted labels,
-  normal and anomalous images below the cut);
+  cut with that sub-model), ``oracle`` (stage 2 on the normal images alone, from the planted
+  labels: what perfect screening would reach, the ceiling for any screen); each reports I-AUROC,
+  P-AUROC, AUPRO on the test split and how well stage 1 ranked the planted defects (AUROC of the
+  consensus score against the planted labels, normal and anomalous images below the cut);
 - the k ablation (paper Figure 4) at ``ablation_alphas`` for the first seed: for k in ``ks``, how
   many normal and anomalous images the lowest-scored fraction keeps when selected by the consensus
   of k sub-models and by each single sub-model alone.
@@ -58,7 +59,7 @@ from llb_edge.trainer.train import train_dinomaly
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("none", "default", "fixed", "paper", "dinomaly", "knn")
+VARIANTS = ("none", "default", "fixed", "paper", "dinomaly", "knn", "oracle")
 DEFAULT_ALPHAS = (0.0, 0.1, 0.2, 0.4)
 DEFAULT_KS = (1, 3, 5, 7)
 METRICS = (("i_auroc", "I-AUROC"), ("p_auroc", "P-AUROC"), ("aupro", "AUPRO"))
@@ -92,7 +93,7 @@ def train_and_evaluate(
 
 def variant_config(cfg: RunConfig, variant: str) -> RunConfig | None:
     """The stage-1 settings of ``variant`` on top of ``cfg``; None for no screening."""
-    if variant == "none":
+    if variant in ("none", "oracle"):
         return None
     vcfg = copy.deepcopy(cfg)
     if variant in ("fixed", "paper"):
@@ -119,7 +120,10 @@ def run_variant(
     loss_weights = None
     below_cut = split.train
     vcfg = variant_config(cfg, variant)
-    if vcfg is not None:
+    if variant == "oracle":
+        positions = np.asarray([i for i, s in enumerate(split.train) if s.label != ANOMALOUS], dtype=np.int64)
+        below_cut = [split.train[i] for i in positions]
+    elif vcfg is not None:
         result = screen(vcfg, encoder, features, split.train, run_dir / "stage1", True, make_scorer(cfg))
         positions, screening, loss_weights = result.kept_positions, result.summary, result.loss_weights
         kept = set(result.kept)
@@ -236,7 +240,7 @@ def write_markdown(
             f"{np.mean([c.get('masked_patch_fraction', 0.0) for c in group]):.1%} | "
             + " | ".join(mean_std([c["metrics"].get(key) for c in group]) for key, _ in METRICS) + " |"
         )
-    screened = {key: group for key, group in groups.items() if key[1] != "none"}
+    screened = {key: group for key, group in groups.items() if key[1] not in ("none", "oracle")}
     if screened:
         lines += [
             "",
