@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from llb_edge.protocol import MAX_FRAME_ID_CHARS
 from llb_edge.runtime.gateway.config import GATEWAY_TAGS, ReconnectPolicy
 from llb_edge.runtime.logs import get_logger, log_event
 
@@ -65,6 +66,7 @@ TAG_TYPES: dict[str, TagType] = {
     "DefectArea": TagType("UInt32", "UDINT"),
     "BBox": TagType("UInt16", "ARRAY[0..3] OF UINT", array=4),
     "InspectionID": TagType("UInt32", "UDINT"),
+    "FrameID": TagType("String", f"STRING[{MAX_FRAME_ID_CHARS}]"),
     "Heartbeat": TagType("Boolean", "BOOL"),
     "Fault": TagType("Boolean", "BOOL"),
     "ErrorCode": TagType("UInt16", "UINT"),
@@ -88,6 +90,7 @@ class Tags:
     defect_area: int = 0
     bbox: tuple[int, int, int, int] = (0, 0, 0, 0)
     inspection_id: int = 0
+    frame_id: str = ""  # the daemon's frame id of the result, as text ("" before the first)
     heartbeat: bool = False
     fault: bool = False
     error_code: int = 0
@@ -109,6 +112,7 @@ class Tags:
             "DefectArea": self.defect_area,
             "BBox": list(self.bbox),
             "InspectionID": self.inspection_id,
+            "FrameID": self.frame_id,
             "Heartbeat": self.heartbeat,
             "Fault": self.fault,
             "ErrorCode": self.error_code,
