@@ -64,7 +64,7 @@ class GatewayError(enum.IntEnum):
     DAEMON_SILENT = 200  # fail-safe: no heartbeat or result within fail_safe_s
     BAD_RESULT = 201  # a result arrived whose content no tag can carry (wrong types, non-finite numbers)
     TRIGGER_TIMEOUT = 202  # handshake: no result within trigger_timeout_s after a trigger
-    AWAITING_RESULT = 203  # handshake: triggered (Busy=1), the result is not written yet
+    AWAITING_RESULT = 203  # no result for the part yet: gateway just started, or handshake Busy=1
 
 
 class UnusableResultError(ValueError):
@@ -158,7 +158,9 @@ class GatewayCore:
     def __init__(self, cameras: Sequence[CameraConfig], *, fail_safe_s: float, heartbeat_s: float, now: float) -> None:
         self.fail_safe_s = fail_safe_s
         self.heartbeat_s = heartbeat_s
-        self._cameras = {camera.camera_id: _Camera(camera, Tags()) for camera in cameras}
+        # NG until proven OK from the start: no part passes before the first result.
+        initial = Tags(**_verdict_withheld(int(GatewayError.AWAITING_RESULT)))
+        self._cameras = {camera.camera_id: _Camera(camera, initial) for camera in cameras}
         self._started = now
         self._last_seen: float | None = None  # last heartbeat or result from the daemon
         self._heard_since_toggle = False  # the Heartbeat tag toggles only on proof the daemon lives

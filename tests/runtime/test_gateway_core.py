@@ -186,6 +186,8 @@ def test_heartbeat_tag_stops_with_the_daemon_before_the_fail_safe_trips() -> Non
 
 def test_no_daemon_at_startup_faults_and_stopping_drops_ready() -> None:
     gateway = core()
+    tags = gateway.tags("cam1")  # NG until proven OK, from the start
+    assert (tags.ok, tags.ng, tags.error_code, tags.result_code) == (False, True, 203, RESULT_ERROR_BASE + 203)
     gateway.tick(WINDOW - 0.1)
     assert not gateway.fault and not gateway.tags("cam1").ready and not gateway.tags("cam1").heartbeat
     gateway.tick(WINDOW + 0.1)
