@@ -199,7 +199,10 @@ class ModbusServerAdapter(_ModbusAdapter):
     def __init__(self, settings: ModbusConfig) -> None:
         super().__init__(settings)
         self._server: ModbusTcpServer | None = None
-        self._plc_writable: frozenset[int] = frozenset()  # register addresses clients may write
+        # The register addresses a client may write: every camera's Trigger and ResultsAck.
+        self._plc_writable = frozenset(
+            settings.base_of(camera_id) + offset for camera_id in self.cameras for offset in PLC_REGISTERS
+        )
         self._writing_own_block = False
 
     def _device(self) -> SimDevice:
@@ -231,9 +234,6 @@ class ModbusServerAdapter(_ModbusAdapter):
         return None
 
     async def connect(self) -> None:
-        self._plc_writable = frozenset(
-            self.settings.base_of(camera_id) + offset for camera_id in self.cameras for offset in PLC_REGISTERS
-        )
         server = ModbusTcpServer(self._device(), address=(self.settings.host, self.settings.port))
         await server.serve_forever(background=True)
         self._server = server
