@@ -26,7 +26,10 @@ from llb_edge.runtime.logs import get_logger, log_event
 
 logger = get_logger("gateway")
 
-WriteKind = Literal["result", "health"]
+# "restore": the unchanged tags again, for PLC memory that others can write too (every fault tick
+# does it); the runner passes it on as a "health" write, or drops it for adapters whose tags only
+# the gateway can write.
+WriteKind = Literal["result", "health", "restore"]
 
 # Tags that change without a new result: fail-safe, heartbeat, handshake flags. A "health" write
 # carries only these; a "result" write carries every tag.
@@ -142,6 +145,8 @@ class Adapter(abc.ABC):
 
     name: str
     cameras: tuple[str, ...]
+    # False for the gateway's own servers, whose tags no client can write: no "restore" writes.
+    tags_writable_by_others: bool = True
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -206,6 +211,10 @@ class AdapterRunner:
     def submit(self, kind: WriteKind, camera_id: str, tags: Tags) -> None:
         if not self.connected or camera_id not in self.adapter.cameras:
             return
+        if kind == "restore":
+            if not self.adapter.tags_writable_by_others:
+                return
+            kind = "health"
         if kind == "health":
             for index in range(len(self._pending) - 1, -1, -1):
                 pending_kind, pending_camera, _ = self._pending[index]

@@ -344,8 +344,13 @@ class GatewayCore:
         updates = self._refresh() if changed else []
         if self._fault:
             # Rewritten every tick: whatever else writes the PLC's copy (an HMI, a stray client
-            # setting OK) is overwritten within one tick.
-            updates = [("health", camera_id, camera.tags) for camera_id, camera in self._cameras.items()]
+            # setting OK) is overwritten within one tick. Tags that changed go as "health" writes.
+            changed_ids = {camera_id for _, camera_id, _ in updates}
+            updates += [
+                ("restore", camera_id, camera.tags)
+                for camera_id, camera in self._cameras.items()
+                if camera_id not in changed_ids
+            ]
         for camera_id, camera in self._cameras.items():
             timeout = camera.config.trigger_timeout_s
             if camera.pending_trigger is None or timeout <= 0 or now - camera.triggered_at <= timeout:

@@ -196,6 +196,8 @@ class ModbusClientAdapter(_ModbusAdapter):
 class ModbusServerAdapter(_ModbusAdapter):
     """Hosts the register map on a Modbus TCP server; the PLC polls it and writes its handshake."""
 
+    tags_writable_by_others = False  # clients may write Trigger and ResultsAck only
+
     def __init__(self, settings: ModbusConfig) -> None:
         super().__init__(settings)
         self._server: ModbusTcpServer | None = None

@@ -171,6 +171,8 @@ async def _secure_client(client: Client, settings: OpcUaClientConfig) -> None:
 class OpcUaServerAdapter(Adapter):
     """An asyncua server hosting one Inspection object per camera; PLCs and HMIs connect to it."""
 
+    tags_writable_by_others = False  # clients may write Trigger and ResultsAck only
+
     def __init__(self, settings: OpcUaServerConfig) -> None:
         self.settings = settings
         self.name = settings.name

@@ -155,7 +155,7 @@ def test_fail_safe_trips_after_the_window_and_recovers() -> None:
         assert gateway.tags("cam1").heartbeat == frozen
         # Issue 13 item 2: every fault tick rewrites the tags, so OK set by another writer of the
         # PLC's copy lasts one tick.
-        assert updates == [("health", "cam1", gateway.tags("cam1"))]
+        assert updates == [("restore", "cam1", gateway.tags("cam1"))]
     gateway.on_heartbeat(heartbeat(), 10.0)
     tags = gateway.tags("cam1")
     assert (tags.fault, tags.ready) == (False, True)
@@ -371,3 +371,13 @@ def test_runner_backs_off_reconnects_and_keeps_result_order() -> None:
     assert adapter.written[:4] == [("result", 0), ("result", 1), ("health", 2), ("result", 3)]
     assert adapter.written[-1] == ("result", 4)
     assert runner.failures == 1 and "PLC went away" in (runner.last_error or "")
+
+
+def test_restore_writes_reach_only_adapters_whose_tags_others_can_write() -> None:
+    adapter = FlakyAdapter()
+    runner = AdapterRunner(adapter, ReconnectPolicy(), lambda camera_id: Tags())
+    runner.connected = True
+    runner.submit("restore", "cam1", Tags(inspection_id=1))  # a PLC's memory: rewritten
+    adapter.tags_writable_by_others = False  # the gateway's own server: nothing to restore
+    runner.submit("restore", "cam1", Tags(inspection_id=2))
+    assert list(runner._pending) == [("health", "cam1", Tags(inspection_id=1))]
