@@ -288,8 +288,9 @@ def test_config_example_and_errors(tmp_path: Path) -> None:
 
 
 def test_run_gateway_entry_point_stops_on_its_event() -> None:
-    runtime_logger = logging.getLogger("llb_edge.runtime")
+    runtime_logger, root = logging.getLogger("llb_edge.runtime"), logging.getLogger()
     saved = (list(runtime_logger.handlers), runtime_logger.propagate, runtime_logger.level)
+    saved_root = list(root.handlers)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -309,6 +310,8 @@ def test_run_gateway_entry_point_stops_on_its_event() -> None:
     thread.join(10)
     # run_gateway set up JSON logging on stderr, as the CLI wants; leave other tests' logging as it was.
     runtime_logger.handlers[:], runtime_logger.propagate, runtime_logger.level = saved
+    root.handlers[:] = saved_root  # and every other logger's JSON lines (capture_library_logs)
+    logging.captureWarnings(False)
     assert codes == [0]
 
 
