@@ -129,6 +129,7 @@ async def measure(args: argparse.Namespace, intake: str, results: str, ua_url: s
     images = frames(args.size)
     samples: dict[str, list[float]] = {"daemon result published": [], "OPC UA tag (server)": [], "Modbus register": []}
     for index in range(1, args.warmup + args.frames + 1):
+        # Frame ids 1, 2, ...: the gateway's InspectionID (its count of the camera's results) is the same.
         parts = encode_rgb_frame(CAMERA, index, images[index % 2], "raw")
         sent_at = json.loads(parts[0])["capture_ts"]
         push.send_multipart(parts, copy=False)

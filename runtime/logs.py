@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 LOGGER_NAME = "llb_edge.runtime"
@@ -33,10 +34,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_json_logging(level: int | str = logging.INFO, stream: TextIO | None = None) -> None:
-    """Send the runtime's logs to ``stream`` (stderr) as JSON lines; idempotent."""
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(level)
+def _add_json_handler(logger: logging.Logger, stream: TextIO | None) -> None:
     for handler in logger.handlers:
         if getattr(handler, "_llb_json", False):
             return
@@ -44,7 +42,28 @@ def configure_json_logging(level: int | str = logging.INFO, stream: TextIO | Non
     handler.setFormatter(JsonFormatter())
     handler._llb_json = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
+
+
+def configure_json_logging(level: int | str = logging.INFO, stream: TextIO | None = None) -> None:
+    """Send the runtime's logs to ``stream`` (stderr) as JSON lines; idempotent."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(level)
+    _add_json_handler(logger, stream)
     logger.propagate = False
+
+
+def capture_library_logs(quiet: Sequence[str] = (), stream: TextIO | None = None) -> None:
+    """JSON lines for every other logger too (libraries, asyncio, Python warnings); idempotent.
+
+    Without a handler of their own, their records reach stderr as plain text through Python's
+    last-resort handler, which a log shipper parsing JSON lines cannot read. ``quiet`` loggers pass
+    ERROR and worse only (for libraries whose warnings repeat what the runtime's events say).
+    For a process entry point: it changes the root logger.
+    """
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    _add_json_handler(logging.getLogger(), stream)
+    logging.captureWarnings(True)
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -20,12 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from llb_edge.protocol import MAX_FRAME_ID_CHARS
 from llb_edge.runtime.gateway.config import GATEWAY_TAGS, ReconnectPolicy
 from llb_edge.runtime.logs import get_logger, log_event
 
 logger = get_logger("gateway")
 
-WriteKind = Literal["result", "health"]
+# "restore": the unchanged tags again, for PLC memory that others can write too (every fault tick
+# does it); the runner passes it on as a "health" write, or drops it for adapters whose tags only
+# the gateway can write.
+WriteKind = Literal["result", "health", "restore"]
 
 # Tags that change without a new result: fail-safe, heartbeat, handshake flags. A "health" write
 # carries only these; a "result" write carries every tag.
@@ -65,6 +69,7 @@ TAG_TYPES: dict[str, TagType] = {
     "DefectArea": TagType("UInt32", "UDINT"),
     "BBox": TagType("UInt16", "ARRAY[0..3] OF UINT", array=4),
     "InspectionID": TagType("UInt32", "UDINT"),
+    "FrameID": TagType("String", f"STRING[{MAX_FRAME_ID_CHARS}]"),
     "Heartbeat": TagType("Boolean", "BOOL"),
     "Fault": TagType("Boolean", "BOOL"),
     "ErrorCode": TagType("UInt16", "UINT"),
@@ -88,6 +93,7 @@ class Tags:
     defect_area: int = 0
     bbox: tuple[int, int, int, int] = (0, 0, 0, 0)
     inspection_id: int = 0
+    frame_id: str = ""  # the daemon's frame id of the result, as text ("" before the first)
     heartbeat: bool = False
     fault: bool = False
     error_code: int = 0
@@ -109,6 +115,7 @@ class Tags:
             "DefectArea": self.defect_area,
             "BBox": list(self.bbox),
             "InspectionID": self.inspection_id,
+            "FrameID": self.frame_id,
             "Heartbeat": self.heartbeat,
             "Fault": self.fault,
             "ErrorCode": self.error_code,
@@ -138,6 +145,8 @@ class Adapter(abc.ABC):
 
     name: str
     cameras: tuple[str, ...]
+    # False for the gateway's own servers, whose tags no client can write: no "restore" writes.
+    tags_writable_by_others: bool = True
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -202,6 +211,10 @@ class AdapterRunner:
     def submit(self, kind: WriteKind, camera_id: str, tags: Tags) -> None:
         if not self.connected or camera_id not in self.adapter.cameras:
             return
+        if kind == "restore":
+            if not self.adapter.tags_writable_by_others:
+                return
+            kind = "health"
         if kind == "health":
             for index in range(len(self._pending) - 1, -1, -1):
                 pending_kind, pending_camera, _ = self._pending[index]

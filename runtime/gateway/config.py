@@ -49,6 +49,7 @@ GATEWAY_TAGS = (
     "DefectArea",
     "BBox",
     "InspectionID",
+    "FrameID",
     "Heartbeat",
     "Fault",
     "ErrorCode",
@@ -56,6 +57,9 @@ GATEWAY_TAGS = (
 )
 PLC_TAGS = ("Trigger", "ResultsAck")
 ALL_TAGS = GATEWAY_TAGS + PLC_TAGS
+# What an opcua-client adapter writes unless its `tags` option says otherwise. FrameID came later
+# than the rest: PLC data blocks made before it lack the node, and a missing node fails the connect.
+CLIENT_DEFAULT_TAGS = tuple(tag for tag in GATEWAY_TAGS if tag != "FrameID")
 
 
 class GatewayConfigError(LLBEdgeError, ValueError):
@@ -123,7 +127,7 @@ class OpcUaClientConfig(AdapterConfig):
     node_template: str = DEFAULT_NODE_TEMPLATE  # {camera} and {tag} are filled in
     # camera -> tag -> node id; BBox may be a list of four node ids (x, y, w, h)
     nodes: dict[str, dict[str, str | list[str]]] = field(default_factory=dict)
-    tags: tuple[str, ...] = ()  # tags written; empty: every gateway tag
+    tags: tuple[str, ...] = ()  # tags written; empty: CLIENT_DEFAULT_TAGS
     timeout_s: float = 2.0
     security: str = "None"  # one of OPCUA_SECURITY_POLICIES
     certificate: Path | None = None  # the gateway's client certificate (DER or PEM); needed with security

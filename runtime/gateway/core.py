@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from llb_edge.protocol import (
     ProtocolError,
     ResultHeader,
     decode_published,
+    is_valid_frame_id,
 )
 from llb_edge.runtime.gateway.adapters import Adapter, AdapterRunner, HandshakeInputs, Tags, WriteKind
 from llb_edge.runtime.gateway.config import (
@@ -51,7 +53,8 @@ RESULT_PASS = 0
 RESULT_NG = 1
 RESULT_ERROR_BASE = 100  # ResultCode = 100 + ErrorCode when the part was not inspected
 UINT16_MAX = 0xFFFF
-UINT32_MASK = 0xFFFFFFFF
+UINT32_MAX = 0xFFFFFFFF
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite REAL: a bigger score cannot be written as one
 
 
 class GatewayError(enum.IntEnum):
@@ -59,7 +62,13 @@ class GatewayError(enum.IntEnum):
 
     NONE = 0
     DAEMON_SILENT = 200  # fail-safe: no heartbeat or result within fail_safe_s
+    BAD_RESULT = 201  # a result arrived whose content no tag can carry (wrong types, non-finite numbers)
     TRIGGER_TIMEOUT = 202  # handshake: no result within trigger_timeout_s after a trigger
+    AWAITING_RESULT = 203  # no result for the part yet: gateway just started, or handshake Busy=1
+
+
+class UnusableResultError(ValueError):
+    """A result that decoded under the protocol but whose content cannot become tag values."""
 
 
 Update = tuple[WriteKind, str, Tags]
@@ -73,9 +82,29 @@ class _Camera:
     last_trigger: int = 0
     pending_trigger: int | None = None
     triggered_at: float = 0.0
-    string_ids: int = 0  # InspectionIDs handed out for non-numeric frame ids
+    inspections: int = 0  # the last InspectionID handed out without the handshake
     results: int = 0
     ignored: int = 0  # results that arrived with the handshake on and no trigger pending
+
+
+def _verdict_withheld(code: int) -> dict[str, Any]:
+    """OK/NG and codes for a part without a verdict (yet): NG, and why in the codes."""
+    return {"ok": False, "ng": True, "result_code": RESULT_ERROR_BASE + code, "error_code": code}
+
+
+def _not_inspected(code: int) -> dict[str, Any]:
+    """Every result tag for a part that got no inspection result."""
+    return {**_verdict_withheld(code), "score": 0.0, "defect_area": 0, "bbox": (0, 0, 0, 0)}
+
+
+def _finite(value: object, what: str) -> float:
+    number = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):  # an int beyond float range
+            number = float(value)
+    if number is None or not math.isfinite(number):
+        raise UnusableResultError(f"{what} must be a finite number, got {value!r:.80}")
+    return number
 
 
 def _clamp(value: float, high: int) -> int:
@@ -83,29 +112,41 @@ def _clamp(value: float, high: int) -> int:
 
 
 def _result_fields(result: ResultHeader) -> dict[str, Any]:
-    """Tag values for one daemon result. Anything but a clean "OK" decision is NG."""
+    """Tag values for one daemon result. Anything but a clean "OK" decision is NG.
+
+    The protocol decoder checks a result's structure, not every value's type; whatever a PLC tag
+    cannot carry raises UnusableResultError, and the caller answers the part NG.
+    """
+    if not is_valid_frame_id(result.frame_id):
+        raise UnusableResultError(f"frame_id {result.frame_id!r:.80} is not a protocol frame id")
+    if result.model_version is not None and not isinstance(result.model_version, str):
+        raise UnusableResultError(f"model_version must be a string, got {result.model_version!r:.80}")
     if result.error is not None:
-        code = int(result.error.code)
-        return {
-            "ok": False,
-            "ng": True,
-            "result_code": RESULT_ERROR_BASE + code,
-            "error_code": code,
-            "score": 0.0,
-            "defect_area": 0,
-            "bbox": (0, 0, 0, 0),
-        }
+        return _not_inspected(int(result.error.code))
     ok = result.decision == DECISION_OK
-    region = result.region
+    score = 0.0 if result.score is None else _finite(result.score, "score")
+    area, bbox = 0, (0, 0, 0, 0)
+    if result.region is not None:
+        if len(result.region.bbox) != 4:
+            raise UnusableResultError(f"region bbox must be [x, y, w, h], got {result.region.bbox!r:.80}")
+        area = _clamp(_finite(result.region.area_px, "region area_px"), UINT32_MAX)
+        x, y, w, h = (_clamp(_finite(side, "region bbox"), UINT16_MAX) for side in result.region.bbox)
+        bbox = (x, y, w, h)
     return {
         "ok": ok,
         "ng": not ok,
         "result_code": RESULT_PASS if ok else RESULT_NG,
         "error_code": int(GatewayError.NONE),
-        "score": float(result.score) if result.score is not None else 0.0,
-        "defect_area": 0 if region is None else _clamp(region.area_px, UINT32_MASK),
-        "bbox": (0, 0, 0, 0) if region is None else tuple(_clamp(v, UINT16_MAX) for v in region.bbox),
+        "score": max(-FLOAT32_MAX, min(FLOAT32_MAX, score)),
+        "defect_area": area,
+        "bbox": bbox,
     }
+
+
+def _next_inspection_id(camera: _Camera) -> int:
+    # 1, 2, ..., 2**32 - 1, then 1 again: 0 stays "no result yet" for the PLC.
+    camera.inspections = camera.inspections % UINT32_MAX + 1
+    return camera.inspections
 
 
 class GatewayCore:
@@ -117,16 +158,21 @@ class GatewayCore:
     def __init__(self, cameras: Sequence[CameraConfig], *, fail_safe_s: float, heartbeat_s: float, now: float) -> None:
         self.fail_safe_s = fail_safe_s
         self.heartbeat_s = heartbeat_s
-        self._cameras = {camera.camera_id: _Camera(camera, Tags()) for camera in cameras}
+        # NG until proven OK from the start: no part passes before the first result.
+        initial = Tags(**_verdict_withheld(int(GatewayError.AWAITING_RESULT)))
+        self._cameras = {camera.camera_id: _Camera(camera, initial) for camera in cameras}
         self._started = now
         self._last_seen: float | None = None  # last heartbeat or result from the daemon
+        self._heard_since_toggle = False  # the Heartbeat tag toggles only on proof the daemon lives
         self._daemon_ready = False
         self._fault = False
         self._heartbeat = False
         self._next_toggle = now + heartbeat_s
         self._model_version = ""
+        self._log = RateLimitedLog(logger, interval_s=5.0)
         self.heartbeats = 0
         self.results = 0
+        self.unusable = 0  # results answered NG with BAD_RESULT
 
     # ------------------------------------------------------------------------------- read-out
 
@@ -153,6 +199,7 @@ class GatewayCore:
             "model_version": self._model_version,
             "heartbeats": self.heartbeats,
             "results": self.results,
+            "unusable": self.unusable,
             "cameras": {cid: {"results": c.results, "ignored": c.ignored} for cid, c in self._cameras.items()},
         }
 
@@ -160,18 +207,16 @@ class GatewayCore:
 
     def _with_health(self, camera: _Camera, tags: Tags) -> Tags:
         busy = camera.pending_trigger is not None
-        error_code = tags.error_code
+        # Handshake: a written result holds Ready at 0 until the PLC acknowledges it.
+        awaiting_ack = camera.config.handshake and tags.result_valid
         if self._fault:
-            error_code = int(GatewayError.DAEMON_SILENT)
-        elif error_code == GatewayError.DAEMON_SILENT:
-            error_code = int(GatewayError.NONE)
+            # NG until proven OK: a fault withdraws the last verdict; only a new result restores one.
+            tags = tags.replace(**_verdict_withheld(int(GatewayError.DAEMON_SILENT)))
         return tags.replace(
-            ready=self.daemon_seen and self._daemon_ready and not self._fault and not busy,
+            ready=self.daemon_seen and self._daemon_ready and not self._fault and not busy and not awaiting_ack,
             busy=busy,
             fault=self._fault,
-            ok=tags.ok and not self._fault,  # fail-safe: a fault withdraws OK; only a new result restores it
             heartbeat=self._heartbeat,
-            error_code=error_code,
             model_version=self._model_version,
         )
 
@@ -195,37 +240,41 @@ class GatewayCore:
             self._fault = False
             log_event(logger, logging.WARNING, "fail_safe_cleared", silent_s=round(now - (self._last_seen or now), 3))
         self._last_seen = now
-
-    def _inspection_id(self, camera: _Camera, frame_id: int | str) -> int:
-        if isinstance(frame_id, int):
-            return frame_id & UINT32_MASK
-        if frame_id.isdigit():
-            return int(frame_id) & UINT32_MASK
-        # A PLC InspectionID is a number: non-numeric frame ids get a per-camera counter instead.
-        camera.string_ids = (camera.string_ids + 1) & UINT32_MASK
-        return camera.string_ids
+        self._heard_since_toggle = True
 
     # -------------------------------------------------------------------------------- inputs
 
     def on_heartbeat(self, heartbeat: Heartbeat, now: float) -> list[Update]:
         self.heartbeats += 1
         self._seen(now)
-        self._daemon_ready = heartbeat.ready and heartbeat.state != "stopping"
-        if heartbeat.model_version is not None:
+        # Fields are as the sender typed them: only a real true is ready, only a string a version.
+        self._daemon_ready = heartbeat.ready is True and heartbeat.state != "stopping"
+        if isinstance(heartbeat.model_version, str):
             self._model_version = heartbeat.model_version
         return self._refresh()
 
-    def on_result(self, result: ResultHeader, now: float) -> list[Update]:
-        self.results += 1
-        self._seen(now)
+    def _usable_fields(self, result: ResultHeader) -> dict[str, Any]:
+        try:
+            fields = _result_fields(result)
+        except UnusableResultError as err:
+            self.unusable += 1
+            camera = f"{result.camera_id!r:.80}"
+            self._log.log(logging.WARNING, "unusable-result", "unusable_result", camera=camera, error=str(err))
+            return _not_inspected(int(GatewayError.BAD_RESULT))
         if result.error is None:
             self._daemon_ready = True  # an inspected frame proves the daemon serves
         if result.model_version is not None:
             self._model_version = result.model_version
-        camera = self._cameras.get(result.camera_id)
+        return fields
+
+    def on_result(self, result: ResultHeader, now: float) -> list[Update]:
+        self.results += 1
+        self._seen(now)
+        fields = self._usable_fields(result)
+        camera = self._cameras.get(result.camera_id) if isinstance(result.camera_id, str) else None
         if camera is None:
             return self._refresh()
-        updates = self._refresh(skip=result.camera_id)
+        updates = self._refresh(skip=camera.config.camera_id)
         camera.results += 1
         if camera.config.handshake:
             if camera.pending_trigger is None:
@@ -233,17 +282,18 @@ class GatewayCore:
                 tags = self._with_health(camera, camera.tags)
                 if tags != camera.tags:
                     camera.tags = tags
-                    updates.append(("health", result.camera_id, tags))
+                    updates.append(("health", camera.config.camera_id, tags))
                 return updates
             inspection_id = camera.pending_trigger
             camera.pending_trigger = None
             result_valid = True  # a level, cleared by the PLC's ResultsAck or its next Trigger
         else:
-            inspection_id = self._inspection_id(camera, result.frame_id)
+            inspection_id = _next_inspection_id(camera)
             result_valid = not camera.tags.result_valid  # a toggle: every change is one new result
-        tags = camera.tags.replace(**_result_fields(result), inspection_id=inspection_id, result_valid=result_valid)
+        frame_id = str(result.frame_id) if is_valid_frame_id(result.frame_id) else ""
+        tags = camera.tags.replace(**fields, inspection_id=inspection_id, frame_id=frame_id, result_valid=result_valid)
         camera.tags = self._with_health(camera, tags)
-        updates.append(("result", result.camera_id, camera.tags))
+        updates.append(("result", camera.config.camera_id, camera.tags))
         return updates
 
     def on_handshake(self, camera_id: str, inputs: HandshakeInputs, now: float) -> list[Update]:
@@ -259,7 +309,8 @@ class GatewayCore:
             if inputs.trigger != 0:
                 camera.pending_trigger = inputs.trigger
                 camera.triggered_at = now
-                tags = tags.replace(result_valid=False)
+                # The new part has no verdict yet: the last part's OK must not pass for this one.
+                tags = tags.replace(**_verdict_withheld(int(GatewayError.AWAITING_RESULT)), result_valid=False)
         acked = inputs.ack != 0 and inputs.ack == tags.inspection_id
         if tags.result_valid and acked and camera.pending_trigger is None:
             tags = tags.replace(result_valid=False)
@@ -271,10 +322,10 @@ class GatewayCore:
 
     def tick(self, now: float) -> list[Update]:
         """The watchdog, the heartbeat toggle and handshake timeouts; call often (tens of ms)."""
-        updates: list[Update] = []
+        changed = False
         silent_since = self._last_seen if self._last_seen is not None else self._started
         if not self._fault and now - silent_since > self.fail_safe_s:
-            self._fault = True
+            self._fault = changed = True
             log_event(
                 logger,
                 logging.ERROR,
@@ -283,27 +334,31 @@ class GatewayCore:
                 window_s=self.fail_safe_s,
                 daemon_seen=self.daemon_seen,
             )
-            updates += self._refresh()
-        if not self._fault and self.daemon_seen and now >= self._next_toggle:
+        if not self._fault and self._heard_since_toggle and now >= self._next_toggle:
+            # Only a heartbeat or result since the last toggle allows the next: a dead daemon
+            # stops the Heartbeat tag within one period, long before the fail-safe window ends.
             self._heartbeat = not self._heartbeat
-            self._next_toggle += self.heartbeat_s
-            if self._next_toggle <= now:  # the loop stalled: do not toggle in bursts to catch up
-                self._next_toggle = now + self.heartbeat_s
-            updates += self._refresh()
+            self._heard_since_toggle = False
+            self._next_toggle = now + self.heartbeat_s
+            changed = True
+        updates = self._refresh() if changed else []
+        if self._fault:
+            # Rewritten every tick: whatever else writes the PLC's copy (an HMI, a stray client
+            # setting OK) is overwritten within one tick. Tags that changed go as "health" writes.
+            changed_ids = {camera_id for _, camera_id, _ in updates}
+            updates += [
+                ("restore", camera_id, camera.tags)
+                for camera_id, camera in self._cameras.items()
+                if camera_id not in changed_ids
+            ]
         for camera_id, camera in self._cameras.items():
             timeout = camera.config.trigger_timeout_s
             if camera.pending_trigger is None or timeout <= 0 or now - camera.triggered_at <= timeout:
                 continue
-            code = int(GatewayError.TRIGGER_TIMEOUT)
             tags = camera.tags.replace(
-                ok=False,
-                ng=True,
-                result_code=RESULT_ERROR_BASE + code,
-                error_code=code,
-                score=0.0,
-                defect_area=0,
-                bbox=(0, 0, 0, 0),
+                **_not_inspected(int(GatewayError.TRIGGER_TIMEOUT)),
                 inspection_id=camera.pending_trigger,
+                frame_id="",
                 result_valid=True,
             )
             camera.pending_trigger = None
@@ -356,7 +411,8 @@ class Gateway:
             AdapterRunner(adapter, config.reconnect, self.core.tags, call_timeout_s=config.write_timeout_s)
             for adapter in adapter_list
         ]
-        self.unreadable = 0
+        self.unreadable = 0  # messages the protocol decoder refused
+        self.failed_messages = 0  # messages whose handling raised (a bug): logged, counted, survived
         self.failed = False  # a task ended before stop was asked for (a bug): exit non-zero
         self._log = RateLimitedLog(logger, interval_s=5.0)
 
@@ -374,7 +430,12 @@ class Gateway:
             }
             for r in self.runners
         }
-        return {**self.core.status(), "unreadable": self.unreadable, "adapters": adapters}
+        return {
+            **self.core.status(),
+            "unreadable": self.unreadable,
+            "failed_messages": self.failed_messages,
+            "adapters": adapters,
+        }
 
     def _dispatch(self, updates: list[Update]) -> None:
         for kind, camera_id, tags in updates:
@@ -395,6 +456,21 @@ class Gateway:
         sock.connect(self.config.results)
         return sock
 
+    def _handle(self, parts: list[bytes], now: float) -> None:
+        try:
+            message = decode_published(parts)
+        except ProtocolError as err:
+            self.unreadable += 1
+            self._log.log(logging.WARNING, "unreadable", "unreadable_message", error=str(err))
+            return
+        if isinstance(message, Heartbeat):
+            self._dispatch(self.core.on_heartbeat(message, now))
+            return
+        result, _ = message
+        if result.camera_id not in self.core.camera_ids:
+            self._log.log(logging.INFO, "unknown-camera", "result_for_unconfigured_camera", camera=result.camera_id)
+        self._dispatch(self.core.on_result(result, now))
+
     async def _receive(self, stop: asyncio.Event) -> None:
         context = zmq.asyncio.Context()
         sock = self._subscriber(context)
@@ -405,21 +481,10 @@ class Gateway:
                     continue
                 parts = await sock.recv_multipart()
                 try:
-                    message = decode_published(parts)
-                except ProtocolError as err:
-                    self.unreadable += 1
-                    self._log.log(logging.WARNING, "unreadable", "unreadable_message", error=str(err))
-                    continue
-                now = time.monotonic()
-                if isinstance(message, Heartbeat):
-                    self._dispatch(self.core.on_heartbeat(message, now))
-                    continue
-                result, _ = message
-                if result.camera_id not in self.core.camera_ids:
-                    self._log.log(
-                        logging.INFO, "unknown-camera", "result_for_unconfigured_camera", camera=result.camera_id
-                    )
-                self._dispatch(self.core.on_result(result, now))
+                    self._handle(parts, time.monotonic())
+                except Exception as err:  # a bug on one message must not take every PLC link down with it
+                    self.failed_messages += 1
+                    self._log.log(logging.ERROR, "message-failed", "message_handling_failed", error=f"{err!r:.300}")
         finally:
             sock.close(linger=0)
             context.term()

@@ -17,6 +17,9 @@ PLCs poll. Both use one register map per camera (docs/gateway.md), starting at t
 
 The gateway writes offsets 0..20 in ONE request (function 16): Modbus servers apply a request as a
 whole, so a PLC never reads a new ResultValid next to old data. Offsets 21..24 belong to the PLC.
+The gateway's own server (ModbusServerAdapter) enforces that: clients may read any block register
+(function 3) and write only 21..24 (functions 6 and 16); any other write is refused with ILLEGAL
+DATA ADDRESS and any other function code with ILLEGAL FUNCTION, so no client can set OK.
 Bytes inside a register are big-endian (Modbus); only the order of the two words of a 32-bit
 value differs between PLC makes, hence ``word_order``: "big" = high word first (Modicon, most
 PLCs), "little" = low word first.
@@ -28,6 +31,7 @@ import struct
 from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -48,9 +52,15 @@ OFFSETS = {
     "ResultsAck": 23,
 }
 WRITTEN_REGISTERS = 21  # offsets 0..20: everything the gateway owns
+PLC_REGISTERS = range(OFFSETS["Trigger"], OFFSETS["ResultsAck"] + 2)  # 21..24: the only ones a PLC writes
 MODEL_VERSION_CHARS = 16
 FC_READ_HOLDING = 3
+FC_WRITE_SINGLE = 6
 FC_WRITE_MULTIPLE = 16
+# The register functions the gateway's server answers; 1, 2, 4, 5, 15, 22 and 23 are refused
+# (ILLEGAL FUNCTION): pymodbus keeps coils, discrete inputs and input registers in the same memory
+# as the holding registers, so they would read and write the gateway's block under other names.
+SERVER_FUNCTION_CODES = (FC_READ_HOLDING, FC_WRITE_SINGLE, FC_WRITE_MULTIPLE)
 
 
 def _words(data: bytes, word_order: str) -> list[int]:
@@ -186,9 +196,16 @@ class ModbusClientAdapter(_ModbusAdapter):
 class ModbusServerAdapter(_ModbusAdapter):
     """Hosts the register map on a Modbus TCP server; the PLC polls it and writes its handshake."""
 
+    tags_writable_by_others = False  # clients may write Trigger and ResultsAck only
+
     def __init__(self, settings: ModbusConfig) -> None:
         super().__init__(settings)
         self._server: ModbusTcpServer | None = None
+        # The register addresses a client may write: every camera's Trigger and ResultsAck.
+        self._plc_writable = frozenset(
+            settings.base_of(camera_id) + offset for camera_id in self.cameras for offset in PLC_REGISTERS
+        )
+        self._writing_own_block = False
 
     def _device(self) -> SimDevice:
         # One block of registers per camera; addresses outside them answer ILLEGAL ADDRESS.
@@ -197,7 +214,26 @@ class ModbusServerAdapter(_ModbusAdapter):
             for camera_id in self.cameras
         ]
         # id 0: answer every unit id, as PLC drivers differ in the unit id they send to a gateway.
-        return SimDevice(id=0, simdata=blocks)
+        return SimDevice(id=0, simdata=blocks, action=self._guard_writes)
+
+    async def _guard_writes(
+        self,
+        function_code: int,
+        _block_start: int,
+        address: int,
+        count: int,
+        _registers: list[int],
+        values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        """pymodbus calls this before any request touches the registers; an ExcCodes refuses it."""
+        if self._writing_own_block:
+            return None
+        if function_code not in SERVER_FUNCTION_CODES:
+            return ExcCodes.ILLEGAL_FUNCTION
+        touched = range(address, address + count)
+        if values is not None and not all(register in self._plc_writable for register in touched):
+            return ExcCodes.ILLEGAL_ADDRESS
+        return None
 
     async def connect(self) -> None:
         server = ModbusTcpServer(self._device(), address=(self.settings.host, self.settings.port))
@@ -210,7 +246,14 @@ class ModbusServerAdapter(_ModbusAdapter):
         return self._server
 
     async def _write_registers(self, address: int, registers: list[int]) -> None:
-        await self._running().async_setValues(0, FC_WRITE_MULTIPLE, address, registers)
+        server = self._running()
+        # The write guard lets this one through. No client request can run while the flag is
+        # set: from here to the guard pymodbus awaits no I/O, so the loop does not switch tasks.
+        self._writing_own_block = True
+        try:
+            await server.async_setValues(0, FC_WRITE_MULTIPLE, address, registers)
+        finally:
+            self._writing_own_block = False
 
     async def _read_registers(self, address: int, count: int) -> list[int]:
         return list(await self._running().async_getValues(0, FC_READ_HOLDING, address, count))

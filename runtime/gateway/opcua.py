@@ -40,7 +40,13 @@ from llb_edge.runtime.gateway.adapters import (
     WriteKind,
     ordered_writes,
 )
-from llb_edge.runtime.gateway.config import ALL_TAGS, GATEWAY_TAGS, PLC_TAGS, OpcUaClientConfig, OpcUaServerConfig
+from llb_edge.runtime.gateway.config import (
+    ALL_TAGS,
+    CLIENT_DEFAULT_TAGS,
+    PLC_TAGS,
+    OpcUaClientConfig,
+    OpcUaServerConfig,
+)
 from llb_edge.runtime.keys import require_plain_name
 
 FOLDER = "Inspection"
@@ -165,6 +171,8 @@ async def _secure_client(client: Client, settings: OpcUaClientConfig) -> None:
 class OpcUaServerAdapter(Adapter):
     """An asyncua server hosting one Inspection object per camera; PLCs and HMIs connect to it."""
 
+    tags_writable_by_others = False  # clients may write Trigger and ResultsAck only
+
     def __init__(self, settings: OpcUaServerConfig) -> None:
         self.settings = settings
         self.name = settings.name
@@ -198,6 +206,11 @@ class OpcUaServerAdapter(Adapter):
                     ua.QualifiedName(tag, index),
                     _variant(initial[tag], variant_type),
                 )
+                if TAG_TYPES[tag].array:
+                    # A fixed-length one-dimensional array (UInt16[4]); asyncua would leave the
+                    # rank open (ValueRank 0, "one or more dimensions").
+                    await node.write_value_rank(ua.ValueRank.OneDimension)
+                    await node.write_array_dimensions([TAG_TYPES[tag].array])
                 if tag in PLC_TAGS:
                     await node.set_writable()
         self._namespace_index = index
@@ -259,7 +272,7 @@ class OpcUaClientAdapter(Adapter):
 
     @property
     def written_tags(self) -> tuple[str, ...]:
-        return self.settings.tags or GATEWAY_TAGS
+        return self.settings.tags or CLIENT_DEFAULT_TAGS
 
     async def _resolve(self, client: Client, camera_id: str, tag: str) -> list[tuple[Node, ua.VariantType]]:
         targets = []

@@ -25,7 +25,7 @@ from llb_edge.runtime.gateway.config import (
     load_config,
 )
 from llb_edge.runtime.gateway.core import Gateway
-from llb_edge.runtime.logs import configure_json_logging, get_logger, log_event
+from llb_edge.runtime.logs import capture_library_logs, configure_json_logging, get_logger, log_event
 
 logger = get_logger("gateway")
 
@@ -91,12 +91,10 @@ def build_config(
     return config
 
 
-def _quiet_protocol_libraries() -> None:
-    # asyncua and pymodbus log each failed reconnect attempt as a plain-text warning; the gateway's
-    # own JSON events (adapter_connection_lost, adapter_connect_failed, adapter_reconnected) already
-    # carry the error, once per backoff step, in the format log shippers parse.
-    for name in ("asyncua", "pymodbus", "snap7"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+# asyncua and pymodbus log each failed reconnect attempt as a warning; the gateway's own events
+# (adapter_connection_lost, adapter_connect_failed, adapter_reconnected) already carry the error,
+# once per backoff step. Their errors still show, as JSON lines like every other line.
+PROTOCOL_LIBRARIES = ("asyncua", "pymodbus", "snap7")
 
 
 async def _serve(config: GatewayConfig, stop_event: threading.Event | None) -> int:
@@ -131,7 +129,9 @@ def run_gateway(
     """`llb-edge gateway`: run ``config`` (from :func:`build_config`) until SIGINT/SIGTERM or
     ``stop_event``; returns the exit code."""
     configure_json_logging(log_level)
-    _quiet_protocol_libraries()
+    # pymodbus, for one, logs "Cancel send, because not connected!" in plain text when the server
+    # stops under a polling client.
+    capture_library_logs(quiet=PROTOCOL_LIBRARIES)
     log_event(
         logger,
         logging.INFO,

@@ -52,25 +52,88 @@ def test_results_map_to_tags_and_a_failed_frame_is_never_ok() -> None:
     [(kind, camera, tags)] = gateway.on_result(result(5, "OK"), 0.2)
     assert (kind, camera) == ("result", "cam1")
     assert (tags.ok, tags.ng, tags.result_code, tags.error_code, tags.ready) == (True, False, 0, 0, True)
-    assert (tags.score, tags.defect_area, tags.bbox, tags.inspection_id) == (0.25, 70000, (1, 2, 300, 400), 5)
-    assert tags.result_valid and tags.model_version == "v7"
+    assert (tags.score, tags.defect_area, tags.bbox, tags.inspection_id) == (0.25, 70000, (1, 2, 300, 400), 1)
+    assert tags.result_valid and tags.model_version == "v7" and tags.frame_id == "5"
 
     [(_, _, tags)] = gateway.on_result(result(6, None, ErrorCode.DECODE_FAILED), 0.3)
     assert (tags.ok, tags.ng) == (False, True)
     assert (tags.result_code, tags.error_code) == (RESULT_ERROR_BASE + 7, 7)
-    assert (tags.score, tags.defect_area, tags.bbox, tags.inspection_id) == (0.0, 0, (0, 0, 0, 0), 6)
+    assert (tags.score, tags.defect_area, tags.bbox, tags.inspection_id) == (0.0, 0, (0, 0, 0, 0), 2)
     assert not tags.result_valid  # toggled back: one change per result
     # A decision that is not exactly "OK" (none, unknown) is a reject too.
     [(_, _, tags)] = gateway.on_result(result(7, None), 0.4)
     assert (tags.ok, tags.ng, tags.result_code) == (False, True, 1)
 
 
-def test_inspection_ids_from_string_frame_ids() -> None:
+def test_inspection_ids_count_results_whatever_the_frame_ids() -> None:
+    """Issue 13 item 5: "²" passes str.isdigit() but not int(), 2**32 + 7 used to wrap onto 7, and a
+    string id's counter could meet a numeric id. InspectionID is now the gateway's own count."""
     gateway = core()
-    assert gateway.on_result(result("000123"), 0.1)[-1][2].inspection_id == 123
-    assert gateway.on_result(result("part-a"), 0.2)[-1][2].inspection_id == 1
-    assert gateway.on_result(result("part-b"), 0.3)[-1][2].inspection_id == 2
-    assert gateway.on_result(result(2**32 + 9), 0.4)[-1][2].inspection_id == 9  # UDINT wraps
+    frame_ids: list[int | str] = ["²", 2**32 + 7, 7, "000123", "part-a", 1]
+    seen = [gateway.on_result(result(frame_id), 0.1 * n)[-1][2] for n, frame_id in enumerate(frame_ids, 1)]
+    assert [tags.inspection_id for tags in seen] == [1, 2, 3, 4, 5, 6]
+    assert [tags.frame_id for tags in seen] == ["²", str(2**32 + 7), "7", "000123", "part-a", "1"]
+    assert all(tags.ok for tags in seen) and gateway.unusable == 0
+    # After 2**32 - 1 results the count starts over at 1: 0 stays "no result yet".
+    gateway._cameras["cam1"].inspections = 2**32 - 2
+    assert [gateway.on_result(result(n), 1.0)[-1][2].inspection_id for n in range(3)] == [2**32 - 1, 1, 2]
+
+
+def hostile(**fields: object) -> ResultHeader:
+    """A result header as decode_result passes it on: structure checked, value types not."""
+    values: dict[str, object] = {
+        "version": 1,
+        "camera_id": "cam1",
+        "frame_id": 9,
+        "decision": "OK",
+        "score": 0.2,
+        "region": {"area_px": 5, "bbox": [1, 2, 3, 4]},
+        "model_version": "v7",
+    }
+    return ResultHeader.from_dict(values | fields)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"score": "0.1"},
+        {"score": float("nan")},
+        {"score": float("inf")},
+        {"score": 10**400},
+        {"score": True},
+        {"region": {"area_px": 5, "bbox": ["a", "b", "c", "d"]}},
+        {"region": {"area_px": 5, "bbox": [1, 2, 3]}},
+        {"region": {"area_px": 5, "bbox": "wxyz"}},
+        {"model_version": {"v": 1}},
+        {"frame_id": {"id": 1}},
+        {"frame_id": -1},
+        {"frame_id": ""},
+    ],
+    ids=repr,
+)
+def test_a_result_no_tag_can_carry_is_answered_ng_not_raised(fields: dict[str, object]) -> None:
+    gateway = core()
+    gateway.on_heartbeat(heartbeat(), 0.0)
+    gateway.on_result(result(1, "OK"), 0.1)
+    [(kind, _, tags)] = gateway.on_result(hostile(**fields), 0.2)
+    code = int(GatewayError.BAD_RESULT)
+    assert (kind, tags.ok, tags.ng, tags.error_code, tags.result_code) == ("result", False, True, code, 100 + code)
+    assert (tags.score, tags.defect_area, tags.bbox, tags.inspection_id) == (0.0, 0, (0, 0, 0, 0), 2)
+    assert gateway.unusable == 1 and tags.model_version == "v7"
+    assert gateway.on_result(result(3, "OK"), 0.3)[-1][2].ok  # the next good result is OK again
+
+
+def test_results_for_odd_cameras_and_extreme_values_keep_the_gateway_serving() -> None:
+    gateway = core()
+    gateway.on_heartbeat(heartbeat(), 0.0)
+    assert gateway.on_result(hostile(camera_id=["cam1"]), 0.1) == []  # nobody's camera: no tag changes
+    assert gateway.on_result(hostile(camera_id={"a": 1}), 0.1) == []
+    [(_, _, tags)] = gateway.on_result(hostile(score=1e300, region={"area_px": 10**20, "bbox": [-5, 2.7, 1e9, 3]}), 0.2)
+    # Finite but beyond the PLC types: clamped, still the daemon's OK.
+    assert tags.ok and tags.score == pytest.approx(3.4028234663852886e38) and tags.defect_area == 2**32 - 1
+    assert tags.bbox == (0, 2, 65535, 3)
+    # Encodable on every protocol (a score beyond REAL used to fail every write and loop reconnects).
+    assert len(encode_block(tags, "big")) == WRITTEN_REGISTERS
 
 
 def test_fail_safe_trips_after_the_window_and_recovers() -> None:
@@ -78,26 +141,53 @@ def test_fail_safe_trips_after_the_window_and_recovers() -> None:
     gateway.on_heartbeat(heartbeat(), 0.0)
     gateway.on_result(result(), 0.5)
     assert gateway.tags("cam1").ok
-    assert not gateway.tick(0.5 + WINDOW - 0.01) or not gateway.fault  # heartbeat toggles only
+    gateway.tick(0.5 + WINDOW - 0.01)
     assert not gateway.fault
     updates = gateway.tick(0.5 + WINDOW + 0.01)
     tags = gateway.tags("cam1")
     assert gateway.fault and updates and updates[-1][0] == "health"
-    assert (tags.fault, tags.ok, tags.ready, tags.error_code) == (True, False, False, GatewayError.DAEMON_SILENT)
+    # Issue 13 item 6: "NG until proven OK" means NG=1 in a fault, not only OK=0.
+    assert (tags.fault, tags.ok, tags.ng, tags.ready) == (True, False, True, False)
+    assert (tags.error_code, tags.result_code) == (GatewayError.DAEMON_SILENT, RESULT_ERROR_BASE + 200)
     frozen = tags.heartbeat
     for step in range(1, 6):  # the heartbeat stops while faulted
-        gateway.tick(0.5 + WINDOW + step)
+        updates = gateway.tick(0.5 + WINDOW + step)
         assert gateway.tags("cam1").heartbeat == frozen
+        # Issue 13 item 2: every fault tick rewrites the tags, so OK set by another writer of the
+        # PLC's copy lasts one tick.
+        assert updates == [("restore", "cam1", gateway.tags("cam1"))]
     gateway.on_heartbeat(heartbeat(), 10.0)
     tags = gateway.tags("cam1")
-    assert (tags.fault, tags.ready, tags.error_code) == (False, True, 0)
-    assert not tags.ok, "OK must wait for a new result after a fault"
+    assert (tags.fault, tags.ready) == (False, True)
+    assert (tags.ok, tags.ng, tags.error_code) == (False, True, 200), "the verdict must wait for a new result"
+    assert gateway.tick(10.5) == [], "no rewrites once the fault is over"
     gateway.tick(11.01)
     assert gateway.tags("cam1").heartbeat != frozen
+    [(_, _, tags)] = gateway.on_result(result(), 11.1)
+    assert (tags.ok, tags.ng, tags.error_code, tags.result_code) == (True, False, 0, 0)
+
+
+def test_heartbeat_tag_stops_with_the_daemon_before_the_fail_safe_trips() -> None:
+    """Issue 13 item 7: the Heartbeat tag was the gateway's own timer; it now toggles only when a
+    daemon heartbeat or result arrived since the last toggle."""
+    gateway = core()
+    toggles = []
+    for step in range(1, 100):  # 4.95 s in 50 ms ticks; the daemon sends every 0.5 s and dies at 2.0 s
+        now = round(step * 0.05, 2)
+        if now <= 2.0 and step % 10 == 0:
+            gateway.on_heartbeat(heartbeat(), now)
+        before = gateway.tags("cam1").heartbeat
+        gateway.tick(now)
+        if gateway.tags("cam1").heartbeat != before:
+            toggles.append(now)
+    assert toggles == [1.5, 2.5], toggles  # first contact at 0.5 s, one period later, then one more
+    assert not gateway.fault  # the fail-safe (3 s) has not tripped yet: the Heartbeat was first
 
 
 def test_no_daemon_at_startup_faults_and_stopping_drops_ready() -> None:
     gateway = core()
+    tags = gateway.tags("cam1")  # NG until proven OK, from the start
+    assert (tags.ok, tags.ng, tags.error_code, tags.result_code) == (False, True, 203, RESULT_ERROR_BASE + 203)
     gateway.tick(WINDOW - 0.1)
     assert not gateway.fault and not gateway.tags("cam1").ready and not gateway.tags("cam1").heartbeat
     gateway.tick(WINDOW + 0.1)
@@ -131,16 +221,23 @@ def test_handshake_trigger_result_ack_and_timeout() -> None:
     [(_, _, tags)] = gateway.on_handshake("cam1", HandshakeInputs(trigger=42, ack=0), 0.2)
     assert tags.busy and not tags.ready and not tags.result_valid
     [(kind, _, tags)] = gateway.on_result(result(2, "OK"), 0.3)
-    assert kind == "result" and tags.inspection_id == 42 and tags.result_valid and tags.ok and tags.ready
+    assert kind == "result" and tags.inspection_id == 42 and tags.result_valid and tags.ok and not tags.busy
+    # Issue 13 item 8 (docs step 4): Ready comes back with the ack, not with the result.
+    assert not tags.ready
     assert gateway.on_handshake("cam1", HandshakeInputs(trigger=42, ack=41), 0.4) == []  # wrong id
     [(_, _, tags)] = gateway.on_handshake("cam1", HandshakeInputs(trigger=42, ack=42), 0.5)
-    assert not tags.result_valid and tags.ok  # the ack clears the strobe, not the result
-    # No result within trigger_timeout_s: answered NG with TRIGGER_TIMEOUT.
-    gateway.on_handshake("cam1", HandshakeInputs(trigger=43, ack=42), 1.0)
+    assert not tags.result_valid and tags.ok and tags.ready  # the ack clears the strobe, not the result
+    # A new Trigger withdraws the last part's verdict while Busy: NG, "awaiting result".
+    [(_, _, tags)] = gateway.on_handshake("cam1", HandshakeInputs(trigger=43, ack=42), 1.0)
+    assert (tags.busy, tags.ready, tags.result_valid, tags.ok, tags.ng) == (True, False, False, False, True)
+    assert (tags.error_code, tags.result_code) == (203, RESULT_ERROR_BASE + 203)
+    # No result within trigger_timeout_s: answered NG with TRIGGER_TIMEOUT, Ready again after its ack.
     assert gateway.tick(1.4) == [] or gateway.tags("cam1").busy
     [(kind, _, tags)] = [update for update in gateway.tick(1.6) if update[0] == "result"]
     assert (tags.inspection_id, tags.ng, tags.ok, tags.result_valid, tags.busy) == (43, True, False, True, False)
-    assert (tags.error_code, tags.result_code) == (202, RESULT_ERROR_BASE + 202)
+    assert (tags.error_code, tags.result_code, tags.ready) == (202, RESULT_ERROR_BASE + 202, False)
+    [(_, _, tags)] = gateway.on_handshake("cam1", HandshakeInputs(trigger=43, ack=43), 1.7)
+    assert tags.ready and not tags.result_valid
 
 
 @pytest.mark.parametrize("word_order", ["big", "little"])
@@ -191,8 +288,9 @@ def test_config_example_and_errors(tmp_path: Path) -> None:
 
 
 def test_run_gateway_entry_point_stops_on_its_event() -> None:
-    runtime_logger = logging.getLogger("llb_edge.runtime")
+    runtime_logger, root = logging.getLogger("llb_edge.runtime"), logging.getLogger()
     saved = (list(runtime_logger.handlers), runtime_logger.propagate, runtime_logger.level)
+    saved_root = list(root.handlers)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -212,6 +310,8 @@ def test_run_gateway_entry_point_stops_on_its_event() -> None:
     thread.join(10)
     # run_gateway set up JSON logging on stderr, as the CLI wants; leave other tests' logging as it was.
     runtime_logger.handlers[:], runtime_logger.propagate, runtime_logger.level = saved
+    root.handlers[:] = saved_root  # and every other logger's JSON lines (capture_library_logs)
+    logging.captureWarnings(False)
     assert codes == [0]
 
 
@@ -274,3 +374,13 @@ def test_runner_backs_off_reconnects_and_keeps_result_order() -> None:
     assert adapter.written[:4] == [("result", 0), ("result", 1), ("health", 2), ("result", 3)]
     assert adapter.written[-1] == ("result", 4)
     assert runner.failures == 1 and "PLC went away" in (runner.last_error or "")
+
+
+def test_restore_writes_reach_only_adapters_whose_tags_others_can_write() -> None:
+    adapter = FlakyAdapter()
+    runner = AdapterRunner(adapter, ReconnectPolicy(), lambda camera_id: Tags())
+    runner.connected = True
+    runner.submit("restore", "cam1", Tags(inspection_id=1))  # a PLC's memory: rewritten
+    adapter.tags_writable_by_others = False  # the gateway's own server: nothing to restore
+    runner.submit("restore", "cam1", Tags(inspection_id=2))
+    assert list(runner._pending) == [("health", "cam1", Tags(inspection_id=1))]

@@ -41,6 +41,7 @@ from llb_edge.protocol import ErrorCode, ResultHeader
 from llb_edge.runtime.daemon import Daemon
 from llb_edge.runtime.gateway import GatewayThread
 from llb_edge.runtime.gateway.config import (
+    CLIENT_DEFAULT_TAGS,
     GATEWAY_TAGS,
     CameraConfig,
     GatewayConfig,
@@ -132,7 +133,7 @@ class PlcOpcUaServer:
         server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         index = await server.register_namespace(PLC_NAMESPACE)
         assert index == 2
-        names = [tag for tag in GATEWAY_TAGS if tag != "BBox"] + ["BBoxX", "BBoxY", "BBoxW", "BBoxH"]
+        names = [tag for tag in CLIENT_DEFAULT_TAGS if tag != "BBox"] + ["BBoxX", "BBoxY", "BBoxW", "BBoxH"]
         for camera in CAMERAS:
             folder = await server.nodes.objects.add_object(ua.NodeId(f"PLC.{camera}", 2), ua.QualifiedName(camera, 2))
             for name in names:
@@ -154,7 +155,7 @@ class PlcOpcUaServer:
 
     async def read(self, camera: str) -> dict[str, Any]:
         assert self.server is not None
-        names = [tag for tag in GATEWAY_TAGS if tag != "BBox"]
+        names = [tag for tag in CLIENT_DEFAULT_TAGS if tag != "BBox"]
         values = {
             name: self.server.read_attribute_value(ua.NodeId.from_string(self.node_id(camera, name))).Value.Value
             for name in names
@@ -368,7 +369,9 @@ def rig(bundle_dir: Path, *, servers: bool = True, clients: bool = True) -> Iter
         plc.close()
 
 
-def assert_result_tags(views: dict[str, dict[str, Any]], result: ResultHeader, result_valid: bool) -> None:
+def assert_result_tags(
+    views: dict[str, dict[str, Any]], result: ResultHeader, inspection_id: int, result_valid: bool
+) -> None:
     """Every view holds exactly the tags this daemon result must produce."""
     assert result.error is None and result.score is not None
     ok = result.decision == "OK"
@@ -383,11 +386,13 @@ def assert_result_tags(views: dict[str, dict[str, Any]], result: ResultHeader, r
             "ResultCode": 0 if ok else 1,
             "DefectArea": area,
             "BBox": bbox,
-            "InspectionID": result.frame_id,
+            "InspectionID": inspection_id,
             "Fault": False,
             "ErrorCode": 0,
             "ModelVersion": result.model_version,
         }
+        if "FrameID" in values:  # OPC UA only
+            expected["FrameID"] = str(result.frame_id)
         got = {key: values[key] for key in expected}
         assert got == expected, f"{name}: {got} != {expected}"
         assert values["Score"] == pytest.approx(result.score, rel=1e-6), name  # REAL: float32 precision
@@ -418,28 +423,34 @@ def test_replayed_stream_ends_in_the_right_tags_on_every_protocol(tmp_path: Path
         results = watcher.headers(len(expected_decisions))
         assert [r.decision for r in results] == expected_decisions
         last = results[-1]
-        views = setup.wait_for("cam1", "the last frame's tags", lambda v: v["InspectionID"] == last.frame_id)
-        # ResultValid started False and toggled once per result.
-        assert_result_tags(views, last, result_valid=len(results) % 2 == 1)
+        # InspectionID counts the camera's results: the last of five is 5. ResultValid started False
+        # and toggled once per result (the opcua-client writes it in a second request: wait for it).
+        toggled = len(results) % 2 == 1
+        views = setup.wait_for(
+            "cam1", "the last frame's tags", lambda v: v["InspectionID"] == len(results) and v["ResultValid"] == toggled
+        )
+        assert_result_tags(views, last, inspection_id=len(results), result_valid=toggled)
         assert set(views) == {"opcua-server", "modbus-server (little)", "opcua-client", "modbus-client (big)"}
-        # cam2 has the handshake on and the PLC never triggered: nothing of cam1's stream leaks there.
+        # cam2 has the handshake on and the PLC never triggered: nothing of cam1's stream leaks there,
+        # and it is NG until proven OK ("no result yet").
         for values in setup.sinks("cam2").values():
-            assert values["InspectionID"] == 0 and not values["OK"] and not values["NG"]
+            assert values["InspectionID"] == 0 and not values["OK"] and values["NG"]
 
 
 def test_failed_frame_is_ng_with_its_error_code_and_handshake_echoes_the_trigger(bundle_dir: Path) -> None:
     with rig(bundle_dir) as setup, Client.of(setup.daemon) as camera:
         camera.send_frame("cam1", 76, flat_frame(48, 48))
-        setup.wait_for("cam1", "OK for frame 76", lambda v: v["InspectionID"] == 76 and v["OK"])
+        setup.wait_for("cam1", "OK for frame 76", lambda v: v["InspectionID"] == 1 and v["OK"])
         # A known camera and frame id with a payload that is no PNG: the daemon answers DECODE_FAILED.
         camera.send([header_bytes(version=1, camera_id="cam1", frame_id=77, encoding="png"), b"not a png"])
         assert camera.headers(2)[-1].error is not None
-        views = setup.wait_for("cam1", "frame 77", lambda v: v["InspectionID"] == 77)
+        views = setup.wait_for("cam1", "frame 77", lambda v: v["InspectionID"] == 2)
         code = int(ErrorCode.DECODE_FAILED)
         for name, values in views.items():
             assert (values["OK"], values["NG"]) == (False, True), name
             assert (values["ResultCode"], values["ErrorCode"]) == (RESULT_ERROR_BASE + code, code), name
             assert not values["Fault"] and values["Ready"], name
+        assert views["opcua-server"]["FrameID"] == "77"
 
         # Handshake (cam2, inputs on the gateway's Modbus server): the PLC writes Trigger = 500.
         async def plc_write(offset: int, value: int) -> None:
@@ -450,14 +461,27 @@ def test_failed_frame_is_ng_with_its_error_code_and_handshake_echoes_the_trigger
             response = await setup.mb_reader.write_registers(setup.base["cam2"] + offset, words, device_id=1)
             assert not response.isError()
 
+        setup.wait_for("cam2", "Ready before the first trigger", lambda v: v["Ready"])
         setup.plc.run(plc_write(21, 500))
         setup.wait_for("cam2", "Busy after the trigger", lambda v: v["Busy"] and not v["Ready"])
-        camera.send_frame("cam2", 9001, square_frame(48, 48, (8, 8, 20, 20)))
+        camera.send_frame("cam2", 9001, flat_frame(48, 48))
         views = setup.wait_for("cam2", "the triggered result", lambda v: v["ResultValid"])
         for name, values in views.items():
-            assert values["InspectionID"] == 500 and values["NG"] and not values["Busy"], name
+            assert values["InspectionID"] == 500 and values["OK"] and not values["Busy"], name
+            # Issue 13 item 8 (docs step 4): Ready only after the ack.
+            assert not values["Ready"], name
         setup.plc.run(plc_write(23, 500))  # ResultsAck
         setup.wait_for("cam2", "ResultValid cleared by the ack", lambda v: not v["ResultValid"] and v["Ready"])
+        # The next trigger withdraws the last OK at once: NG while Busy, whoever reads too early.
+        setup.plc.run(plc_write(21, 501))
+        views = setup.wait_for("cam2", "Busy for trigger 501", lambda v: v["Busy"])
+        for name, values in views.items():
+            assert (values["OK"], values["NG"], values["ResultValid"], values["Ready"]) == (False, True, False, False)
+            assert values["ErrorCode"] == GatewayError.AWAITING_RESULT, name
+        camera.send_frame("cam2", 9002, square_frame(48, 48, (8, 8, 20, 20)))
+        views = setup.wait_for("cam2", "the result for 501", lambda v: v["ResultValid"] and v["InspectionID"] == 501)
+        for name, values in views.items():
+            assert values["NG"] and not values["OK"] and values["ErrorCode"] == 0, name
 
 
 def test_stopping_the_daemon_trips_the_fail_safe_within_the_window(bundle_dir: Path) -> None:
@@ -469,13 +493,24 @@ def test_stopping_the_daemon_trips_the_fail_safe_within_the_window(bundle_dir: P
 
         stopped_at = time.monotonic()
         setup.daemon.stop(timeout_s=10)
-        views = setup.wait_for("cam1", "Fault", lambda v: v["Fault"], timeout_s=FAIL_SAFE_S + 3)
+        # Issue 13 item 7: the Heartbeat tag stops with the daemon (one more toggle at most, for its
+        # last message), not with the fail-safe: nothing toggles from here until Fault.
+        time.sleep(2 * HEARTBEAT_S)
+        frozen: dict[str, dict[str, Any]] = {}
+        while True:
+            views = setup.sinks("cam1")
+            frozen = frozen or views
+            if all(values["Fault"] for values in views.values()):
+                break
+            for name, values in views.items():
+                assert values["Heartbeat"] == frozen[name]["Heartbeat"], f"{name}: heartbeat toggles, daemon dead"
+            assert time.monotonic() - stopped_at < FAIL_SAFE_S + 3, "no fault"
         elapsed = time.monotonic() - stopped_at
         assert FAIL_SAFE_S * 0.9 <= elapsed <= FAIL_SAFE_S + 1.0, elapsed
         for name, values in views.items():
-            assert (values["OK"], values["Ready"], values["ErrorCode"]) == (False, False, 200), name
-            assert values["ErrorCode"] == GatewayError.DAEMON_SILENT
-        frozen = setup.sinks("cam1")
+            # Issue 13 item 6: the fault is NG, whatever the last result was (here OK).
+            assert (values["OK"], values["NG"], values["Ready"], values["ErrorCode"]) == (False, True, False, 200), name
+            assert values["ResultCode"] == RESULT_ERROR_BASE + GatewayError.DAEMON_SILENT
         time.sleep(3 * HEARTBEAT_S)
         for name, values in setup.sinks("cam1").items():
             assert values["Heartbeat"] == frozen[name]["Heartbeat"], f"{name}: heartbeat still toggles in a fault"
@@ -483,7 +518,7 @@ def test_stopping_the_daemon_trips_the_fail_safe_within_the_window(bundle_dir: P
         # The daemon comes back on the same endpoints: the fault clears, OK needs a new result.
         options = daemon_options(results=setup.daemon.endpoints["results"])
         with Daemon(setup.bundle_dir, options) as daemon, Client.of(daemon) as camera2:
-            setup.wait_for("cam1", "recovery", lambda v: not v["Fault"] and v["Ready"] and not v["OK"])
+            setup.wait_for("cam1", "recovery", lambda v: not v["Fault"] and v["Ready"] and not v["OK"] and v["NG"])
             first = setup.sinks("cam1")["opcua-server"]["Heartbeat"]
             setup.wait_for("cam1", "toggling again", lambda v: v["Heartbeat"] != first, timeout_s=3 * HEARTBEAT_S)
             camera2.send_frame("cam1", 2, flat_frame(48, 48))
@@ -494,7 +529,7 @@ def test_gateway_reconnects_after_the_plc_servers_restart(bundle_dir: Path) -> N
     with rig(bundle_dir, servers=False) as setup, Client.of(setup.daemon) as camera:
         assert setup.plc_opcua is not None and setup.plc_modbus is not None
         camera.send_frame("cam1", 10, flat_frame(48, 48))
-        setup.wait_for("cam1", "frame 10", lambda v: v["InspectionID"] == 10 and v["OK"])
+        setup.wait_for("cam1", "frame 10", lambda v: v["InspectionID"] == 1 and v["OK"])
 
         setup.plc.run(setup.plc_opcua.stop())
         setup.plc.run(setup.plc_modbus.stop())
@@ -506,8 +541,8 @@ def test_gateway_reconnects_after_the_plc_servers_restart(bundle_dir: Path) -> N
 
         setup.plc.run(setup.plc_opcua.start())  # same ports, memory zeroed as after a PLC restart
         setup.plc.run(setup.plc_modbus.start())
-        setup.wait_for("cam1", "frame 11 rewritten after reconnect", lambda v: v["InspectionID"] == 11 and v["NG"])
+        setup.wait_for("cam1", "frame 11 rewritten after reconnect", lambda v: v["InspectionID"] == 2 and v["NG"])
         camera.send_frame("cam1", 12, flat_frame(48, 48))
-        setup.wait_for("cam1", "frame 12", lambda v: v["InspectionID"] == 12 and v["OK"] and v["Ready"])
+        setup.wait_for("cam1", "frame 12", lambda v: v["InspectionID"] == 3 and v["OK"] and v["Ready"])
         for runner in runners.values():
             assert runner.connects == 2 and runner.failures >= 1, (runner.name, runner.connects, runner.failures)

@@ -52,7 +52,7 @@ def test_s7_adapter_writes_the_data_block_handshakes_and_reconnects(bundle_dir: 
                 wait_until(lambda: runner.connected and thread.gateway.core.daemon_seen, 20, "S7 connected")
                 camera.send_frame("cam1", 5, square_frame(64, 64, (8, 8, 24, 24)))
                 [result] = camera.headers(1)
-                wait_until(lambda: block("cam1")["InspectionID"] == 5, 10, "frame 5 in the DB")
+                wait_until(lambda: block("cam1")["InspectionID"] == 1, 10, "frame 5 (the first result) in the DB")
                 values = block("cam1")
                 assert values["NG"] and not values["OK"] and values["Ready"] and values["ResultValid"]
                 assert values["Score"] == pytest.approx(result.score, rel=1e-6)
@@ -74,9 +74,9 @@ def test_s7_adapter_writes_the_data_block_handshakes_and_reconnects(bundle_dir: 
                 wait_until(lambda: not runner.connected, 10, "the loss noticed")
                 memory[:] = bytes(len(memory))
                 plc = start_plc(port, memory)
-                wait_until(lambda: block("cam1")["InspectionID"] == 5, 10, "state rewritten after reconnect")
+                wait_until(lambda: block("cam1")["InspectionID"] == 1, 10, "state rewritten after reconnect")
                 camera.send_frame("cam1", 6, flat_frame(48, 48))
-                wait_until(lambda: block("cam1")["InspectionID"] == 6 and block("cam1")["OK"], 10, "frame 6")
+                wait_until(lambda: block("cam1")["InspectionID"] == 2 and block("cam1")["OK"], 10, "frame 6")
                 assert runner.connects == 2
     finally:
         plc.stop()
