@@ -209,14 +209,16 @@ class PageFrame:
 @dataclass
 class _Camera:
     latest: PageFrame | None = None
-    ng: deque[PageFrame] = field(default_factory=lambda: deque(maxlen=PAGE_NG_FRAMES))
+    ng: list[PageFrame] = field(default_factory=list)  # the newest PAGE_NG_FRAMES by arrival, oldest first
     shown: deque[PageFrame] = field(default_factory=lambda: deque(maxlen=PAGE_SHOWN_FRAMES))
     frames: int = 0
     ng_count: int = 0
 
+    def held(self) -> list[PageFrame]:
+        return [frame for frame in (self.latest, *self.shown, *self.ng) if frame is not None]
+
     def find(self, seq: int) -> PageFrame | None:
-        candidates = [self.latest, *self.shown, *self.ng]
-        return next((frame for frame in candidates if frame is not None and frame.seq == seq), None)
+        return next((frame for frame in self.held() if frame.seq == seq), None)
 
 
 class RateSeries:
@@ -301,7 +303,10 @@ class OperatorPage:
                 camera.latest = frame
             camera.frames += 1
             if ng:
+                # Post workers finish out of order: keep the newest NG frames by arrival, not by finish.
                 camera.ng.append(frame)
+                camera.ng.sort(key=lambda held: held.received)
+                del camera.ng[:-PAGE_NG_FRAMES]
                 camera.ng_count += 1
             self._series.add(ng, now)
 
