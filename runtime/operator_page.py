@@ -63,6 +63,7 @@ STATIC_FILES = {
     "/": ("operator.html", "text/html; charset=utf-8"),
     "/page/operator.js": ("operator.js", "text/javascript; charset=utf-8"),
     "/page/operator.css": ("operator.css", "text/css; charset=utf-8"),
+    "/favicon.ico": ("favicon.svg", "image/svg+xml"),  # browsers ask for it whatever the page links
 }
 IMAGE_PREFIX = "/page/image/"
 STATE_PATH = "/page/state.json"
