@@ -64,10 +64,11 @@ function plot(svg, values, reference, format) {
   }
   let run = [];
   const flush = () => {
-    if (run.length) svg.append(svgNode("polyline", { points: run.join(" "), class: "series" }));
+    if (run.length > 1) svg.append(svgNode("polyline", { points: run.map((p) => p.join(",")).join(" "), class: "series" }));
+    if (run.length === 1) svg.append(svgNode("circle", { cx: run[0][0], cy: run[0][1], r: 2, class: "point" }));
     run = [];
   };
-  values.forEach((v, i) => (typeof v === "number" ? run.push(`${x(i).toFixed(1)},${y(v).toFixed(1)}`) : flush()));
+  values.forEach((v, i) => (typeof v === "number" ? run.push([x(i).toFixed(1), y(v).toFixed(1)]) : flush()));
   flush();
 }
 
@@ -151,7 +152,9 @@ function updateCard(camera) {
       button.type = "button";
       button.dataset.frameId = String(item.frame_id);
       const img = el("img");
-      img.src = imageUrl(item.seq, "thumb");
+      // Gone already (newer NG frames pushed it out of the daemon's ring): the next poll redraws.
+      img.onerror = () => (button.hidden = true);
+      img.src = imageUrl(item.seq, "mini");
       img.alt = `NG frame ${item.frame_id}`;
       button.append(img, el("div", "caption", `${clock(item.inspected_at)} · #${item.frame_id} · ${fmt(item.score, 3)}`));
       button.addEventListener("click", () => openDetail(item));

@@ -21,7 +21,6 @@ from runtime_harness import (
     assert_box_close,
     cell_size_px,
     flat_frame,
-    make_bundle,
     running_daemon,
     square_frame,
 )
@@ -30,6 +29,7 @@ from llb_edge.bundle import load_bundle
 from llb_edge.data.transforms import Geometry
 from llb_edge.protocol import ResultHeader
 from llb_edge.runtime.operator_page import (
+    GALLERY_MAX_SIDE,
     PAGE_NG_FRAMES,
     PAGE_SHOWN_FRAMES,
     THUMB_MAX_SIDE,
@@ -121,9 +121,12 @@ def test_page_serves_latest_frame_ng_gallery_rates_and_counters(bundle_dir: Path
         assert plain.shape == (120, 160, 3) and plain[y + h // 2, x + w // 2].min() > 230
         overlay = decode_jpeg(fetch(f"{base}/page/image/{ng['seq']}.jpg?view=overlay")[2])
         assert overlay.shape == (120, 160, 3)
+        assert decode_jpeg(fetch(f"{base}/page/image/{ng['seq']}.jpg?view=mini")[2]).shape == (120, 160, 3)
         # A large frame is downscaled for the live view (the page never ships megapixels per refresh).
         big = decode_jpeg(fetch(f"{base}/page/image/{cameras['cam-b']['latest']['seq']}.jpg")[2])
         assert big.shape == (THUMB_MAX_SIDE * 900 // 1200, THUMB_MAX_SIDE, 3)
+        mini = decode_jpeg(fetch(f"{base}/page/image/{cameras['cam-b']['latest']['seq']}.jpg?view=mini")[2])
+        assert mini.shape == (GALLERY_MAX_SIDE * 900 // 1200, GALLERY_MAX_SIDE, 3)
 
         # The rates: the newest whole-second bins hold the frames once their second is over.
         time.sleep(1.1)
@@ -200,14 +203,14 @@ def test_memory_is_a_fixed_ring_per_camera_and_images_are_encoded_once(bundle_di
     assert page.image(1, "thumb") is None  # long gone from the rings
 
 
-def test_expected_false_reject_rate_is_read_defensively(tmp_path: Path, contract_onnx: Path) -> None:
-    plain = load_bundle(make_bundle(tmp_path / "plain", contract_onnx))
+def test_expected_false_reject_rate_is_read_defensively(bundle_dir: Path) -> None:
+    plain = load_bundle(bundle_dir)
     assert expected_rates(plain)["expected_frr"] is None and expected_rates(None)["expected_frr"] is None
-    in_extra = load_bundle(make_bundle(tmp_path / "extra", contract_onnx, extra={"expected_frr": {"value": 0.004}}))
-    assert expected_rates(in_extra)["expected_frr"] == pytest.approx(0.004)
-    # The calibrated field on the threshold (added to bundle.json by the exporter) wins.
+    # threshold.expected_frr in bundle.json, as a number or a record with its value.
     plain.manifest.threshold.expected_frr = 0.002  # type: ignore[attr-defined]
     assert expected_rates(plain)["expected_frr"] == pytest.approx(0.002)
+    plain.manifest.threshold.expected_frr = {"value": 0.004, "method": "held-out OK scores"}  # type: ignore[attr-defined]
+    assert expected_rates(plain)["expected_frr"] == pytest.approx(0.004)
     for junk in ("0.1", float("nan"), True, [0.1]):
         plain.manifest.threshold.expected_frr = junk  # type: ignore[attr-defined]
         assert expected_rates(plain)["expected_frr"] is None
