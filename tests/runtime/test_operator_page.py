@@ -39,7 +39,7 @@ from llb_edge.runtime.operator_page import (
 )
 
 pytest_plugins = ["runtime_fixtures"]  # contract-test-model bundles
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)  # the first test may pay the session's model export
 
 BOX = (40, 30, 24, 20)  # x, y, w, h of the white square (the known defect) in a 120 x 160 frame
 
