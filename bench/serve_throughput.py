@@ -3,13 +3,14 @@
     .venv/bin/python bench/serve_throughput.py [--fps 0 1] [--duration 30] [--frames N] [--frame-size 1024]
         [--bundle DIR | --encoder vit_small_patch14_dinov2 --size 392 --weights auto --precisions fp32
          --ok-frames --rebuild] [--backend auto] [--max-batch 8] [--max-wait-ms 2] [--queue-size 8]
-        [--post-workers 2]
+        [--post-workers 2] [--page off|closed|open]
         [--ort-threads N] [--cameras 1] [--warmup 2] [--window N] [--json PATH]
 
 Three processes, as on a line PC:
 
 - the daemon: `llb-edge serve BUNDLE` in a subprocess (``python -m llb_edge.cli serve``), intake
-  and results on random 127.0.0.1 ports, ``--health-port off --control off``;
+  and results on random 127.0.0.1 ports, ``--control off`` and ``--health-port off`` (with
+  ``--page closed|open``: a free port, so the daemon keeps frames for the operator page);
 - the producer: a separate process (multiprocessing, spawn) playing the camera(s). It PUSHes raw
   uint8 RGB frames of ``--frame-size`` x ``--frame-size`` (1024 by default, 3 MiB each) with the
   capture time in the header;
@@ -40,6 +41,11 @@ over first send -> last result), end-to-end latency p50/p90/p99/max, the batch s
 the results (frames of one batch share the same ``infer`` latency and arrive together), and the
 daemon's own per-stage latencies from the result headers (decode, queue, infer, post, total) plus
 "outside", the end-to-end latency minus the daemon's total (serialisation, ZeroMQ, publishing).
+
+``--page`` measures what the operator page (runtime/operator_page.py) costs the line: ``off`` (no
+health server, no page), ``closed`` (the daemon keeps its per-camera rings, nobody looks) or ``open``
+(a thread here polls the page's state and fetches every new live and gallery image, as the page's
+script does in a browser, at the page's refresh interval).
 
 Without ``--bundle`` a bundle is built once and cached under bench_out/serve_bundles/: the
 InspectionModel of ``--encoder`` at ``--size`` with the real DINOv2 weights from
@@ -84,6 +90,8 @@ import shutil
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,6 +116,7 @@ from llb_edge.bundle import (
 )
 from llb_edge.data.transforms import Geometry
 from llb_edge.protocol import ErrorCode, Heartbeat, ResultHeader, decode_published, encode_frame, raw_frame_header
+from llb_edge.runtime.operator_page import REFRESH_MS, STATE_PATH
 from llb_edge.runtime.supervise import DaemonProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,7 +263,7 @@ def daemon_command(bundle: Path, args: argparse.Namespace) -> list[str]:
         "--results",
         ANY_LOOPBACK_PORT,
         "--health-port",
-        "off",
+        "off" if args.page == "off" else "0",
         "--control",
         "off",
         "--backend",
@@ -472,6 +481,66 @@ class Subscriber:
         self.context.term()
 
 
+class PagePoller:
+    """An open operator page: polls its state and fetches each new image, as its script does."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.state_s: list[float] = []
+        self.image_s: list[float] = []
+        self.image_bytes = 0
+        self.failures: Counter[str] = Counter()  # HTTP status or exception name -> count
+        self._seen: set[tuple[int, str]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _get(self, path: str) -> bytes | None:
+        try:
+            with urllib.request.urlopen(self.base_url + path, timeout=10) as response:
+                return response.read()
+        except urllib.error.HTTPError as err:
+            # 404: a gallery frame newer NG frames pushed out of the ring before it was fetched
+            self.failures[str(err.code)] += 1
+        except (urllib.error.URLError, OSError) as err:
+            self.failures[type(err).__name__] += 1
+        return None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(REFRESH_MS / 1000):
+            started = time.perf_counter()
+            body = self._get(STATE_PATH)
+            self.state_s.append(time.perf_counter() - started)
+            if body is None:
+                continue
+            for camera in json.loads(body)["cameras"]:
+                wanted = [(frame["seq"], "mini") for frame in camera["gallery"]]
+                if camera["latest"]:
+                    wanted.insert(0, (camera["latest"]["seq"], "thumb"))
+                for seq, view in wanted:
+                    if (seq, view) in self._seen:
+                        continue  # the browser keeps it (the image is cacheable)
+                    self._seen.add((seq, view))
+                    started = time.perf_counter()
+                    data = self._get(f"/page/image/{seq}.jpg?view={view}")
+                    self.image_s.append(time.perf_counter() - started)
+                    self.image_bytes += len(data or b"")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(timeout=15)
+        return {
+            "state_requests": len(self.state_s),
+            "state_ms": percentiles_ms(self.state_s),
+            "images": len(self.image_s),
+            "image_ms": percentiles_ms(self.image_s),
+            "image_kib": round(self.image_bytes / 1024, 1),
+            "failures": dict(self.failures),
+        }
+
+
 # ---------------------------------------------------------------------------------------- analysis
 
 
@@ -550,6 +619,15 @@ def analyse(phase: int, fps: float, produced: dict[str, Any], received: list[Rec
 
 def fmt(value: float | None, digits: int = 0) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far; 0 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -672,6 +750,12 @@ def parse_args() -> argparse.Namespace:
     serve.add_argument("--queue-size", type=int, default=8, help="Frames per camera (keep-newest).")
     serve.add_argument("--post-workers", type=int, default=2, help="Daemon threads post-processing results.")
     serve.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads (default: all cores).")
+    serve.add_argument(
+        "--page",
+        choices=["off", "closed", "open"],
+        default="off",
+        help="Operator page: off (no health server), closed (served, nobody looks), open (polled like a browser).",
+    )
     load = parser.add_argument_group("load")
     load.add_argument(
         "--fps",
@@ -718,15 +802,25 @@ def main() -> None:
     spawn = mp.get_context("spawn")
     results: list[dict[str, Any]] = []
     stopped = None
+    page: dict[str, Any] | None = None
     try:
         serving = daemon.wait_for("serving", timeout_s=300)
         subscriber = Subscriber(serving["results"])
         subscriber.start()
+        poller = PagePoller(serving["health"]) if args.page == "open" else None
+        if poller is not None:
+            poller.start()
         try:
             for phase, fps in enumerate(args.fps):
                 print(f"phase {phase}: fps {fps:g}, {args.duration} s ...", file=sys.stderr)
+                cpu_before, wall_before = process_cpu_s(daemon.process.pid), time.monotonic()
                 results.append(run_phase(phase, fps, args, serving["intake"], subscriber, spawn))
+                cpu_s = process_cpu_s(daemon.process.pid) - cpu_before
+                results[-1]["daemon_cpu_s"] = round(cpu_s, 2)
+                results[-1]["daemon_cpu_per_s"] = round(cpu_s / (time.monotonic() - wall_before), 3)
+                results[-1]["daemon_cpu_ms_per_result"] = round(1000 * cpu_s / max(1, results[-1]["results"]), 1)
         finally:
+            page = poller.stop() if poller is not None else None
             stopped = daemon.stop()
             time.sleep(0.2)  # the final heartbeat
             subscriber.stop()
@@ -748,7 +842,8 @@ def main() -> None:
         f"map {manifest.map_size}, threshold {manifest.threshold.value:.4g}), backend {backend}; "
         f"{args.frame_size}x{args.frame_size}x3 uint8 raw frames, "
         f"{args.cameras} camera(s); max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
-        f"queue {args.queue_size}/camera, {args.post_workers} post workers, ORT threads {args.ort_threads or 'all'}; "
+        f"queue {args.queue_size}/camera, {args.post_workers} post workers, ORT threads {args.ort_threads or 'all'}, "
+        f"operator page {args.page}; "
         f"{args.duration:g} s per phase after {args.warmup} warm-up frame(s); sustained window "
         f"{next((r['window'] for r in results if r['window']), '-')} frames in flight per camera.\n"
     )
@@ -757,6 +852,18 @@ def main() -> None:
         print(
             f"\nDaemon totals at shutdown: frames {stopped.get('frames')}, errors {stopped.get('errors')}, "
             f"drops {stopped.get('drops')}, queued at stop {stopped.get('queued_at_stop')}."
+        )
+    for result in results:
+        print(
+            f"\nDaemon CPU, phase {result['phase']} (warm-up and drain included): {result['daemon_cpu_s']} s, "
+            f"{result['daemon_cpu_per_s']} CPU-s per s, {result['daemon_cpu_ms_per_result']} ms per result."
+        )
+    if page is not None:
+        print(
+            f"\nOperator page open (polled every {REFRESH_MS} ms): {page['state_requests']} state requests "
+            f"(p50 {page['state_ms'].get('p50', 0):.1f} ms, p99 {page['state_ms'].get('p99', 0):.1f} ms), "
+            f"{page['images']} images ({page['image_kib']} KiB; p50 {page['image_ms'].get('p50', 0):.1f} ms, "
+            f"p99 {page['image_ms'].get('p99', 0):.1f} ms), failed requests: {page['failures'] or 'none'}."
         )
     if any(r["stalled"] for r in results):
         print("\nWARNING: a sustained phase stalled (no result for 120 s with the window full).")
@@ -772,6 +879,7 @@ def main() -> None:
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "daemon_stopped": stopped,
             "phases": results,
+            "operator_page": page,
             "manifest_extra": asdict(manifest)["extra"],
         }
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")

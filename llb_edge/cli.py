@@ -142,7 +142,7 @@ def serve(
     control: Annotated[str, typer.Option(help="REP endpoint for reload/status/threshold, or 'off'.")] = (
         "tcp://127.0.0.1:5557"
     ),
-    health_host: Annotated[str, typer.Option(help="Address of the HTTP /live /ready /metrics server.")] = (
+    health_host: Annotated[str, typer.Option(help="Address of HTTP /live /ready /metrics and the operator page.")] = (
         "127.0.0.1"
     ),
     health_port: Annotated[str, typer.Option(help="Port of the health server; 0 any free; 'off'.")] = "8765",

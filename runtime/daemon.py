@@ -12,7 +12,8 @@ Threads and what they own (ZeroMQ sockets are not thread-safe, so each socket ha
   in inspection order, whichever worker finishes first.
 - publisher: the PUB socket. Sends results from an outbox queue and a heartbeat every interval.
 - control: the REP socket (reload, status, threshold).
-- health: HTTP /live /ready /metrics.
+- health: HTTP /live /ready /metrics and the read-only operator page (runtime/operator_page.py),
+  which post workers feed a reference per inspected frame; its images are drawn on HTTP threads.
 - capture (optional, runtime/capture.py): writes a sampled fraction of inspected frames to a pool
   folder for `llb-edge retrain`; the inference thread only hands it a reference, never waits on it.
 
@@ -70,6 +71,7 @@ from llb_edge.runtime.health import (
 )
 from llb_edge.runtime.keys import ClientAllowList, configure_server
 from llb_edge.runtime.logs import RateLimitedLog, configure_json_logging, get_logger, log_event
+from llb_edge.runtime.operator_page import OperatorPage
 from llb_edge.runtime.postprocess import ModelIdentity, error_result, inspection_result, pixel_threshold_of
 from llb_edge.runtime.versions import resolve_bundle_dir
 
@@ -271,6 +273,9 @@ class Daemon:
         self.capture: FrameCapture | None = None
         if self.options.capture.enabled:
             self.capture = FrameCapture(self.options.capture, self.metrics.registry)
+        self.page: OperatorPage | None = None
+        if self.options.health_port is not None:
+            self.page = OperatorPage(self.status, lambda: self._model.bundle if self._model is not None else None)
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -297,6 +302,7 @@ class Daemon:
                     self.is_ready,
                     self.options.health_host,
                     self.options.health_port,
+                    pages=self.page.handle if self.page is not None else None,
                 )
                 self.health_url = self._health.url
         except BaseException:
@@ -620,6 +626,10 @@ class Daemon:
             self._count_error(result.error.code, result.error.message, header.camera_id, header.frame_id)
         else:
             self.metrics.frames.inc(camera=header.camera_id, decision=str(result.decision))
+            if self.page is not None:
+                self.page.record(
+                    result, frame.image, inspected.anomaly_map, model.geometry, model.pixel_threshold, frame.received
+                )
         if self.capture is not None and result.error is None:
             # offer() is O(1) and never blocks; the frame is not modified after inference.
             self.capture.offer(

@@ -4,6 +4,7 @@
 - ``GET /ready``: 200 while a model is loaded and frames are accepted; 503 while starting or
   stopping (a load balancer or the PLC gateway holds off).
 - ``GET /metrics``: Prometheus text exposition format 0.0.4.
+- anything else is offered to ``pages`` (the operator page, runtime/operator_page.py), if given.
 
 The registry is deliberately tiny (counters, gauges, histograms with labels): prometheus_client
 would be one more package to vet and install on every line PC for what is a few dozen lines.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TypeVar
 
@@ -190,8 +192,21 @@ def parse_prometheus_text(text: str) -> dict[str, float]:
     return samples
 
 
+@dataclass(frozen=True)
+class HttpAnswer:
+    """A response from a ``pages`` handler of the health server."""
+
+    status: int
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+PageHandler = Callable[[str], HttpAnswer | None]  # the request target -> an answer, or None: not found
+
+
 class HealthServer:
-    """/live, /ready and /metrics over HTTP on a background thread."""
+    """/live, /ready and /metrics (and ``pages``, if given) over HTTP on a background thread."""
 
     def __init__(
         self,
@@ -200,6 +215,7 @@ class HealthServer:
         is_ready: Callable[[], bool],
         host: str = "127.0.0.1",
         port: int = 8765,
+        pages: PageHandler | None = None,
     ) -> None:
         routes: dict[str, Callable[[], tuple[int, str, str]]] = {
             "/live": lambda: _probe(is_live(), "live"),
@@ -210,11 +226,17 @@ class HealthServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - name fixed by http.server
                 route = routes.get(self.path.split("?", 1)[0])
-                status, content_type, body = route() if route else (404, "text/plain", "not found\n")
-                data = body.encode()
+                page = pages(self.path) if pages is not None and route is None else None
+                if page is not None:
+                    status, content_type, data, headers = page.status, page.content_type, page.body, page.headers
+                else:
+                    status, content_type, body = route() if route else (404, "text/plain", "not found\n")
+                    data, headers = body.encode(), ()
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in headers:
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
