@@ -72,6 +72,8 @@ def test_tiny_bench_writes_the_tables_and_plots(tmp_path):
         for variant in variants:
             assert f"| {alpha} | {variant} | 2 |" in text  # two seeds per cell
     assert " ± " in text  # mean ± std over the seeds
+    paired = text.split("## Paired difference to no screening")[1].split("## Screening quality")[0]
+    assert "| 0.2 | default | 2 |" in paired and "| 0 | oracle | 2 | 0.0 ± 0.0 |" in paired
     for png in ("metrics_vs_alpha.png", "dpure_anomaly_fraction.png", "k_ablation.png"):
         assert (out / png).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
