@@ -50,6 +50,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -485,37 +486,40 @@ def main(argv: list[str] | None = None) -> int:
         "parity": lambda: part_parity(settings, data),
         "metric": lambda: part_metric(settings, args.out, data, weights),
     }
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     parts: dict[str, Any] = {}
+    record = {
+        "device": torch.cuda.get_device_name(0) if settings.device == "cuda" else cpu, "torch": torch.__version__,
+        "python": platform.python_version(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick, "data": str(data), "weights": weights, "wall_s": 0.0, "parts": parts,
+    }
     for name in PARTS:
         if name not in wanted:
             continue
         elapsed = time.perf_counter() - started
+        estimate = settings.part_estimates_s.get(name, 0.0)
         if name == "compile" and not settings.compile_modes:
             parts[name] = {"skipped": "--quick: torch.compile on a CPU needs a C++ toolchain and minutes"}
-            continue
-        estimate = settings.part_estimates_s.get(name, 0.0)
-        if elapsed + estimate > args.budget_s:
+        elif elapsed + estimate > args.budget_s:
             parts[name] = {"skipped": f"time budget: {elapsed:.0f} s used + ~{estimate:.0f} s > {args.budget_s:.0f} s"}
-            continue
-        print(f"== {name} ({elapsed:.0f} s so far)", file=sys.stderr)
-        part_started = time.perf_counter()
-        try:
-            parts[name] = runners[name]()
-        except Exception as err:  # noqa: BLE001 - one failed part must not cost the others' figures
-            parts[name] = {"failed": f"{type(err).__name__}: {err}"}
-        parts[name]["seconds"] = round(time.perf_counter() - part_started, 1)
-    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    device_name = torch.cuda.get_device_name(0) if settings.device == "cuda" else cpu
-    record = {
-        "device": device_name, "torch": torch.__version__, "python": platform.python_version(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "quick": args.quick,
-        "data": str(data), "weights": weights, "wall_s": time.perf_counter() - started, "parts": parts,
-    }
-    table = markdown(record)
-    (args.out / "gpu_suite.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    (args.out / "gpu_suite.md").write_text(table + "\n")
-    print(table)
+        else:
+            print(f"== {name} ({elapsed:.0f} s so far)", file=sys.stderr)
+            part_started = time.perf_counter()
+            try:
+                parts[name] = runners[name]()
+            except Exception as err:  # noqa: BLE001 - one failed part must not cost the others' figures
+                parts[name] = {"failed": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+            parts[name]["seconds"] = round(time.perf_counter() - part_started, 1)
+        record["wall_s"] = time.perf_counter() - started
+        # After every part: a device call cut short by its time limit still brings back what it measured.
+        write_outputs(record, args.out)
+    print(markdown(record))
     return 0
+
+
+def write_outputs(record: dict[str, Any], out: Path) -> None:
+    (out / "gpu_suite.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (out / "gpu_suite.md").write_text(markdown(record) + "\n")
 
 
 if __name__ == "__main__":
