@@ -147,6 +147,18 @@ def bench_images(frame_size: int, count: int = 2) -> list[np.ndarray]:
     return [rng.integers(0, 256, (frame_size, frame_size, 3), dtype=np.uint8) for _ in range(count)]
 
 
+def parity_inputs(size: int, count: int) -> np.ndarray:
+    """Model inputs for the torch backend's parity gate: noise at rising contrast, so scores spread.
+
+    The gate's rank test needs images that do not all score alike; the bench bundle has no real
+    images, and its decoder is random (timing only).
+    """
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (count, size, size, 3)).astype(np.float32)
+    contrast = np.linspace(0.0, 1.0, count, dtype=np.float32).reshape(-1, 1, 1, 1)
+    return np.round(128 + (noise - 128) * contrast).astype(np.uint8)
+
+
 def resolve_weights(encoder: str, weights: str) -> str:
     if weights != "auto":
         return weights
@@ -161,12 +173,23 @@ def bundle_cache_dir(encoder: str, size: int, weights: str, precisions: list[str
 
 
 def build_bundle(encoder: str, size: int, weights: str, precisions: list[str], out_dir: Path) -> Path:
-    """Export the InspectionModel (random decoder) to ONNX and write a bundle.json around it."""
+    """Export the InspectionModel (random decoder) to ONNX and write a bundle.json around it.
+
+    The bundle also holds the model's torch weights and parity images, so ``--backend torch-cuda``
+    (runtime/torch_backend.py) serves it too.
+    """
     import torch
 
-    from llb_edge.exporters.bundle_export import onnx_file_name
+    from llb_edge.exporters.bundle_export import PARITY_IMAGES_FILE, onnx_file_name
     from llb_edge.exporters.onnx_export import export_onnx
+    from llb_edge.exporters.parity import DEFAULT_PARITY_IMAGES
     from llb_edge.models.dinomaly import AnomalyScorer, InspectionModel, create_dinomaly
+    from llb_edge.runtime.torch_backend import (
+        TORCH_WEIGHTS_FILE,
+        TORCH_WEIGHTS_FORMAT,
+        TORCH_WEIGHTS_KEY,
+        save_inspection_weights,
+    )
 
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -191,6 +214,12 @@ def build_bundle(encoder: str, size: int, weights: str, precisions: list[str], o
             key, name = onnx_file_name(precision)
             export_onnx(model, staging / name, precision, metadata={"llb_edge.source_run": "bench"})
             files[key] = ModelFile(path=name, sha256=sha256_file(staging / name), format="onnx", precision=precision)
+        weights_path = save_inspection_weights(model, staging / TORCH_WEIGHTS_FILE, encoder)
+        files[TORCH_WEIGHTS_KEY] = ModelFile(path=TORCH_WEIGHTS_FILE, sha256=sha256_file(weights_path),
+                                             format=TORCH_WEIGHTS_FORMAT, precision="fp32")
+        np.save(staging / PARITY_IMAGES_FILE, parity_inputs(size, DEFAULT_PARITY_IMAGES))
+        parity_record = {"path": PARITY_IMAGES_FILE, "sha256": sha256_file(staging / PARITY_IMAGES_FILE),
+                         "count": DEFAULT_PARITY_IMAGES, "sources": ["bench: noise at rising contrast"]}
         created = utc_now()
         manifest = BundleManifest(
             model_id=f"bench-{encoder}-{size}",
@@ -218,6 +247,7 @@ def build_bundle(encoder: str, size: int, weights: str, precisions: list[str], o
                 "backbone": record,
                 "export_seconds": round(time.perf_counter() - started, 1),
                 BENCH_THRESHOLD_KEY: threshold,
+                "parity_images": parity_record,
             },
         )
         write_manifest(staging, manifest)
@@ -239,7 +269,8 @@ def cached_bundle(args: argparse.Namespace) -> Path:
     if not args.rebuild:
         with contextlib.suppress(Exception):  # missing or broken cache: build it
             bundle = load_bundle(out_dir, verify=True)
-    if bundle is None or BENCH_THRESHOLD_KEY not in bundle.manifest.extra:
+    extra = bundle.manifest.extra if bundle is not None else {}
+    if BENCH_THRESHOLD_KEY not in extra or "parity_images" not in extra:  # none, or built before they were added
         bundle = load_bundle(build_bundle(args.encoder, args.size, weights, args.precisions, out_dir))
     wanted = OK_FRAMES_THRESHOLD if args.ok_frames else float(bundle.manifest.extra[BENCH_THRESHOLD_KEY])
     if bundle.threshold != wanted:
@@ -744,7 +775,8 @@ def parse_args() -> argparse.Namespace:
         "frame's map crosses it and post-processing does the region search: the worst case).",
     )
     serve = parser.add_argument_group("daemon")
-    serve.add_argument("--backend", default="auto", help="auto | tensorrt | ort-cuda | ort-cpu.")
+    serve.add_argument("--backend", default="auto",
+                       help="auto | tensorrt | ort-cuda | ort-cpu | torch-cuda | torch-cpu.")
     serve.add_argument("--max-batch", type=int, default=8)
     serve.add_argument("--max-wait-ms", type=float, default=2.0)
     serve.add_argument("--queue-size", type=int, default=8, help="Frames per camera (keep-newest).")

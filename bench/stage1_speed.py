@@ -37,7 +37,8 @@ from llb_edge.trainer.submodels import run_on_streams
 from llb_edge.trainer.train import train_dinomaly
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``: None reads sys.argv; bench/gpu_suite.py passes its own)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default="vit_base_patch14_dinov2")
     p.add_argument("--size", type=int, default=392, help="input (crop) size in px")
@@ -56,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0 = torch default)")
     p.add_argument("--quick", action="store_true", help="tiny CPU settings: checks that the script runs")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         args.encoder, args.size, args.n, args.k = "test_tiny_patch14", 56, 32, 2
         args.sub_its, args.final_its, args.batch = 20, 40, 4
@@ -107,8 +108,8 @@ def time_scoring(
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    args = parse_args()
+def measure(args: argparse.Namespace) -> dict:
+    """Time ours and naive; the JSON record that main() prints and writes."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
@@ -163,6 +164,19 @@ def main() -> None:
     total_naive = sum(r[2] for r in rows)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return {"args": vars(args), "device": name, "precision": precision, "concurrent": concurrent,
+            "rows": [{"stage": r[0], "ours_s": r[1], "naive_s": r[2], "how": r[3]} for r in rows],
+            "total_ours_s": total_ours, "total_naive_s": total_naive,
+            "step_s": {"ours": ours_step, "ours_concurrent": stage1_step, "naive": naive_step}}
+
+
+def main() -> None:
+    args = parse_args()
+    record = measure(args)
+    rows = [(r["stage"], r["ours_s"], r["naive_s"], r["how"]) for r in record["rows"]]
+    total_ours, total_naive = record["total_ours_s"], record["total_naive_s"]
+    ours_step, naive_step = record["step_s"]["ours"], record["step_s"]["naive"]
+    name, precision = record["device"], record["precision"]
     print(f"\nstage-1 speed: {args.encoder} @ {args.size} px, N={args.n}, k={args.k}, batch {args.batch}, "
           f"device {name}; ours: fp16 feature cache + {precision}; naive: encoder every step, fp32")
     print(f"{'stage':<38} {'ours (s)':>10} {'naive (s)':>10} {'ratio':>7}  how")
@@ -173,9 +187,7 @@ def main() -> None:
     print(f"per training step: ours {ours_step * 1e3:.1f} ms, naive {naive_step * 1e3:.1f} ms")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "device": name, "precision": precision, "concurrent": concurrent,
-                       "rows": [{"stage": r[0], "ours_s": r[1], "naive_s": r[2], "how": r[3]} for r in rows],
-                       "total_ours_s": total_ours, "total_naive_s": total_naive}, handle, indent=2)
+            json.dump(record, handle, indent=2)
 
 
 if __name__ == "__main__":

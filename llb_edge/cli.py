@@ -146,7 +146,8 @@ def serve(
         "127.0.0.1"
     ),
     health_port: Annotated[str, typer.Option(help="Port of the health server; 0 any free; 'off'.")] = "8765",
-    backend: Annotated[str, typer.Option(help="auto | tensorrt | ort-cuda | ort-cpu.")] = "auto",
+    backend: Annotated[str, typer.Option(
+        help="auto | tensorrt | ort-cuda | ort-cpu | torch-cuda | torch-cpu (the torch ones need torch).")] = "auto",
     max_batch: Annotated[int, typer.Option(help="Largest batch the dynamic batcher forms.")] = 8,
     max_wait_ms: Annotated[float, typer.Option(help="How long the oldest frame may wait for a batch.")] = 2.0,
     queue_size: Annotated[int, typer.Option(help="Frames queued per camera before keep-newest drops.")] = 8,
@@ -462,6 +463,20 @@ def bundle_build_engine(
 
     try:
         show_bundle(add_tensorrt_engine(bundle_dir, precision=precision, cache_dir=cache_dir))
+    except USER_ERRORS as err:
+        fail(str(err))
+
+
+@bundle_app.command("add-torch-weights")
+def bundle_add_torch_weights(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder exported from a run on this machine.")],
+    weights: Annotated[str | None, typer.Option(help="The run's backbone weights file, if not at its path.")] = None,
+) -> None:
+    """Copy the run's model into the bundle (safetensors, checksummed) for --backend torch-cuda without the run."""
+    from llb_edge.runtime.torch_backend import add_torch_weights
+
+    try:
+        show_bundle(add_torch_weights(bundle_dir, weights))
     except USER_ERRORS as err:
         fail(str(err))
 

@@ -26,7 +26,9 @@ from llb_edge.bundle import INPUT_NAME, MAP_OUTPUT, MAX_OUTPUT, SCORE_OUTPUT, Bu
 from llb_edge.errors import LLBEdgeError
 from llb_edge.runtime.logs import get_logger, log_event
 
-BACKEND_CHOICES = ("auto", "tensorrt", "ort-cuda", "ort-cpu")
+# torch-cuda / torch-cpu (runtime/torch_backend.py) are explicit choices only: auto never imports torch.
+TORCH_BACKENDS = ("torch-cuda", "torch-cpu")
+BACKEND_CHOICES = ("auto", "tensorrt", "ort-cuda", "ort-cpu", *TORCH_BACKENDS)
 DEFAULT_MAX_BATCH = 16
 
 BackendOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -300,7 +302,7 @@ def create_backend(
     max_batch: int = DEFAULT_MAX_BATCH,
     intra_op_threads: int | None = None,
 ) -> Backend:
-    """The backend for ``bundle``: ``choice`` is auto, tensorrt, ort-cuda or ort-cpu.
+    """The backend for ``bundle``: ``choice`` is auto, tensorrt, ort-cuda, ort-cpu, torch-cuda or torch-cpu.
 
     With auto, candidates are tried in speed order and the first that loads wins; an explicit
     choice fails with the reason instead of falling back, so a misconfigured GPU box is not
@@ -308,6 +310,10 @@ def create_backend(
     """
     if choice not in BACKEND_CHOICES:
         raise BackendError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {choice!r}")
+    if choice in TORCH_BACKENDS:
+        from llb_edge.runtime.torch_backend import create_torch_backend
+
+        return create_torch_backend(bundle, choice.removeprefix("torch-"), max_batch=max_batch)
     candidates: list[tuple[str, Path]] = []
     if choice in ("auto", "tensorrt") and (choice == "tensorrt" or _tensorrt_importable()):
         candidates += [("tensorrt", path) for path in _model_files(bundle, "tensorrt", "fp16")]

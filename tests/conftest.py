@@ -65,3 +65,20 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     return run_training(load_config(None, tiny_overrides(run_dir)))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """(bundle dir, warning messages) of one export of the tiny run with formats="all" (read-only: copy to edit).
+
+    Shared by the exporter and runtime tests: the torch.export-based exporter costs ~15 s a graph.
+    """
+    import warnings
+
+    from llb_edge.exporters.bundle_export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_bundle(tiny_run, out, formats="all", validation="test", model_id="tiny-model", model_version="7")
+    return out, [str(w.message) for w in caught]

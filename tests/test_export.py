@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +37,9 @@ CROP, MAP = 56, 64  # tiny run geometry (conftest.tiny_overrides)
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """(bundle dir, warning messages) of one export of the tiny run with formats="all"."""
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        export_bundle(tiny_run, out, formats="all", validation="test", model_id="tiny-model", model_version="7")
-    return out, [str(w.message) for w in caught]
+def exported(tiny_bundle: tuple[Path, list[str]]) -> tuple[Path, list[str]]:
+    """(bundle dir, warning messages) of one export of the tiny run with formats="all" (conftest)."""
+    return tiny_bundle
 
 
 @pytest.fixture
