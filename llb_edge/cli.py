@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llb_edge.bundle import Bundle
+from llb_edge.calibration import DEFAULT_TARGET_FRR
 from llb_edge.errors import LLBEdgeError
 
 if TYPE_CHECKING:
@@ -361,10 +362,14 @@ def export(
     model_id: Annotated[str | None, typer.Option(help="Model id (default: the run name).")] = None,
     model_version: Annotated[str | None, typer.Option(help="Model version (default: a UTC timestamp).")] = None,
     validation: Annotated[str | None, typer.Option(
-        help="Labelled images for the F1-max threshold: 'test' or a JSONL sample list.")] = None,
-    threshold_method: Annotated[str, typer.Option(help="quantile (no labels) | f1max (needs --validation).")] = (
-        "quantile"
-    ),
+        help="Labelled images ('test' or a JSONL sample list): prints the measured false-reject and escape "
+             "rates at the threshold, and offers the F1-max threshold.")] = None,
+    threshold_method: Annotated[str, typer.Option(
+        help="calibrated: for --target-frr on the run's held-back calibration images (no labels) | quantile: the "
+             "old training-score rule | f1max (needs --validation).")] = "calibrated",
+    target_frr: Annotated[float, typer.Option(
+        help="False-reject rate you accept on normal parts (0.01 = 1%); the threshold is calibrated for it.")] = (
+        DEFAULT_TARGET_FRR),
     weights: Annotated[str | None, typer.Option(help="Backbone weights, if not where the run recorded them.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
 ) -> None:
@@ -382,7 +387,7 @@ def export(
         bundle = export_bundle(
             run_dir, out, formats=format, precisions=tuple(precision or PRECISIONS), model_id=model_id,
             model_version=model_version, validation=validation, threshold_method=threshold_method,
-            weights=weights, overwrite=overwrite,
+            target_frr=target_frr, weights=weights, overwrite=overwrite,
         )
     except USER_ERRORS as err:
         fail(str(err))
@@ -398,6 +403,19 @@ def show_bundle(bundle: Bundle) -> None:
     typer.echo(f"bundle {bundle.root}: model {m.model_id} version {m.model_version}, encoder {m.encoder}")
     typer.echo(f"threshold {m.threshold.value:.6g} ({m.threshold.method}; set by {m.threshold.set_by} "
                f"at {m.threshold.set_at})")
+    frr = m.threshold.frr
+    if frr:
+        target = f"target {frr['target']:.3g}, " if frr.get("target") is not None else ""
+        typer.echo(f"  false-reject rate on normal parts: {target}expected {frr['expected']:.3g}, "
+                   f"{frr['confidence']:.0%} upper bound {frr['upper']:.3g} ({frr['calibration_count']} calibration "
+                   f"images)" + ("" if frr.get("reachable", True) else "; the target needs more calibration images"))
+    measured = m.extra.get("validation")
+    if measured and measured.get("threshold") == m.threshold.value:
+        rates = [f"{name} {measured[key]:.3g} ({measured[count]} of {measured[total]})"
+                 for name, key, count, total in (("false-reject rate", "false_reject_rate", "false_rejects", "normal"),
+                                                 ("escape rate", "escape_rate", "escapes", "anomalous"))
+                 if measured[key] is not None]
+        typer.echo(f"  measured on {measured['source']}: " + ", ".join(rates))
     for name, spec in m.files.items():
         parity = spec.parity.get("passed")
         typer.echo(f"  {name}: {spec.path} [{spec.format} {spec.precision}] parity "
@@ -418,22 +436,43 @@ def bundle_show(bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder."
 @bundle_app.command("set-threshold")
 def bundle_set_threshold(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    value: Annotated[float, typer.Argument(help="New decision threshold: score >= value is NG.")],
+    value: Annotated[float | None, typer.Argument(help="New decision threshold: score >= value is NG.")] = None,
+    target_frr: Annotated[float | None, typer.Option(
+        help="Instead of a value: the false-reject rate to calibrate for, on the bundle's calibration scores.")] = None,
     by: Annotated[str | None, typer.Option(help="Who changes it (default: user@host).")] = None,
 ) -> None:
     """Change the OK/NG threshold without re-exporting; the old value stays in the history.
 
-    A running daemon picks it up on reload (llb-edge ctl reload, or SIGHUP).
+    Give a value, or --target-frr to recompute it from the calibration scores the bundle carries.
+    Either way the bundle records the false-reject rate its calibration images predict at the new
+    value. A running daemon picks it up on reload (llb-edge ctl reload, or SIGHUP).
     """
-    from llb_edge.bundle import set_threshold
+    from llb_edge.bundle import load_bundle, set_threshold
+    from llb_edge.calibration import bundle_calibration_scores, estimate_frr, threshold_for_target
 
+    if (value is None) == (target_frr is None):
+        fail("give either a threshold value or --target-frr")
     try:
-        bundle = set_threshold(bundle_dir, value, set_by=by)
+        calibration = bundle_calibration_scores(load_bundle(bundle_dir, verify=False).manifest.extra)
+        if target_frr is not None:
+            if calibration is None:
+                fail(f"{bundle_dir} carries no calibration scores (exported before they existed, or from a run "
+                     "without a calibration slice): give a threshold value, or re-train and re-export")
+            estimate = threshold_for_target(calibration, target_frr)
+            bundle = set_threshold(bundle_dir, estimate.threshold, set_by=by, reason=f"operator: target FRR "
+                                   f"{target_frr:g}", frr=estimate.to_dict())
+        else:
+            assert value is not None
+            frr = estimate_frr(calibration, value).to_dict() if calibration is not None else None
+            bundle = set_threshold(bundle_dir, value, set_by=by, frr=frr)
     except USER_ERRORS as err:
         fail(str(err))
     t = bundle.manifest.threshold
     typer.echo(f"threshold of {bundle_dir} is now {t.value:.6g} (was {t.history[-1]['value']:.6g}), "
                f"set by {t.set_by} at {t.set_at}")
+    if t.frr:
+        typer.echo(f"expected false-reject rate {t.frr['expected']:.3g} ({t.frr['confidence']:.0%} upper bound "
+                   f"{t.frr['upper']:.3g}, {t.frr['calibration_count']} calibration images)")
 
 
 @bundle_app.command("build-engine")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from llb_edge import runs
-from llb_edge.config import RunConfig, write_config
+from llb_edge.config import RunConfig, TrainConfig, write_config
 from llb_edge.data.images import validate_split
 from llb_edge.data.readers import load_contaminated, load_dataset
 from llb_edge.data.samples import DatasetSplit, save_sample_list
@@ -23,6 +23,8 @@ from llb_edge.trainer.features import EncodedImages, load_model_inputs
 from llb_edge.trainer.train import train_dinomaly
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_SEED_STREAM = 0xCA1  # keeps the calibration draw independent of every other use of train.seed
 
 
 def make_scorer(cfg: RunConfig) -> AnomalyScorer:
@@ -46,6 +48,26 @@ def score_stats(scores: np.ndarray) -> dict[str, float]:
     """Distribution of the final model's scores on its own training images (threshold calibration)."""
     quantiles = {f"q{q:g}": float(np.quantile(scores, q / 100)) for q in (50, 90, 95, 99, 99.5, 100)}
     return {"count": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std()), **quantiles}
+
+
+def calibration_count(kept: int, fraction: float, minimum: int) -> int:
+    """How many kept images are held back for calibration: fraction of them, at least minimum, at most half."""
+    if fraction <= 0 or kept < 2:
+        return 0
+    return min(max(round(fraction * kept), minimum), kept // 2)
+
+
+def calibration_split(kept: np.ndarray, train: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(positions the final model trains on, positions held back to calibrate its threshold), both ascending.
+
+    The held-back slice is drawn from D_pure with its own seed stream (``train.seed``), so a resumed
+    run holds back the same images.
+    """
+    count = calibration_count(len(kept), train.calibration_fraction, train.calibration_min)
+    rng = np.random.default_rng(np.random.SeedSequence([train.seed, CALIBRATION_SEED_STREAM]))
+    held = np.zeros(len(kept), dtype=bool)
+    held[rng.choice(len(kept), count, replace=False)] = True
+    return np.sort(kept[~held]), np.sort(kept[held])
 
 
 def load_split(cfg: RunConfig) -> DatasetSplit:
@@ -90,6 +112,7 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
         kept, screening = run_stage1(cfg, model.encoder, features, split.train, run_dir, resume, make_scorer(cfg))
         if not is_primary_rank():
             return run_dir
+    kept, calibration = calibration_split(kept, cfg.train)
     train_samples = [split.train[i] for i in kept]
     save_sample_list(train_samples, run_dir / runs.TRAIN_LIST)
 
@@ -105,6 +128,12 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
     runs.write_json(run_dir / runs.TRAIN_SCORES, {"stats": score_stats(train_scores),
                                                   "scores": {s.path: float(v) for s, v in
                                                              zip(train_samples, train_scores, strict=True)}})
+    if len(calibration):
+        calibration_scores, _ = score_encoded(final, make_scorer(cfg).to(device), features, calibration)
+        runs.write_json(run_dir / runs.CALIBRATION_SCORES, {
+            "stats": score_stats(calibration_scores),
+            "scores": {split.train[i].path: float(v) for i, v in zip(calibration, calibration_scores, strict=True)},
+        })
     metadata = {
         "encoder": cfg.model.encoder,
         "backbone": backbone,
@@ -114,6 +143,7 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
         "device": str(device),
         "precision": cfg.train.precision,
         "train_images": len(train_samples),
+        "calibration_images": int(len(calibration)),
         "train_list": runs.TRAIN_LIST,  # with labels when known
         "train_paths": [sample.path for sample in train_samples],
         "dataset": {"name": split.name, "train": len(split.train), "test": len(split.test)},
