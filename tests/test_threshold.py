@@ -11,10 +11,13 @@ import pytest
 
 from llb_edge.exporters.threshold import (
     DEFAULT_MARGIN,
+    METHOD_CALIBRATED,
     METHOD_F1MAX,
     METHOD_QUANTILE,
+    calibrated_threshold,
     default_threshold,
     f1max_threshold,
+    quantile_rule,
     quantile_threshold,
     read_train_scores,
     stats_threshold,
@@ -118,10 +121,21 @@ def test_default_threshold_of_a_run(tmp_path: Path) -> None:
     assert default_threshold(tmp_path).value == pytest.approx(quantile_threshold(np.arange(200.0)).value)
     (tmp_path / "train_scores.json").write_text(json.dumps({"stats": {"q50": 1.0, "q99.5": 2.0, "count": 9}}))
     assert default_threshold(tmp_path).value == pytest.approx(2.0 + DEFAULT_MARGIN * 1.0)
+    # With a calibration slice the default is the conformal threshold on it, whatever the training scores say.
+    calibration = {f"/cal/{i}.png": float(i) for i in range(1, 100)}
+    (tmp_path / "calibration_scores.json").write_text(json.dumps({"scores": calibration}))
+    choice = default_threshold(tmp_path, target_frr=0.05)
+    assert choice.method == METHOD_CALIBRATED and choice.value == math.nextafter(95.0, math.inf)
 
 
 def test_default_threshold_of_the_tiny_run(tiny_run: Path) -> None:
     values = json.loads((tiny_run / "train_scores.json").read_text())
-    choice = default_threshold(tiny_run)
+    choice = quantile_rule(tiny_run)
     assert choice.value == pytest.approx(quantile_threshold(np.array(list(values["scores"].values()))).value)
     assert choice.value > values["stats"]["q99.5"]
+    # The run held back a calibration slice of its kept images: the default is calibrated on it.
+    calibration = json.loads((tiny_run / "calibration_scores.json").read_text())["scores"]
+    assert not set(calibration) & set(values["scores"])  # never trained on
+    choice = default_threshold(tiny_run, target_frr=0.2)
+    assert choice.method == METHOD_CALIBRATED and choice.details["calibration_count"] == len(calibration) == 12
+    assert choice.value == pytest.approx(calibrated_threshold(list(calibration.values()), 0.2).value)
