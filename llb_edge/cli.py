@@ -16,6 +16,7 @@ import typer
 from llb_edge.bundle import Bundle
 from llb_edge.calibration import DEFAULT_TARGET_FRR
 from llb_edge.errors import LLBEdgeError
+from llb_edge.runtime.drift import DEFAULT_NG_RATE_ALPHA, DEFAULT_NG_RATE_WINDOW
 
 if TYPE_CHECKING:
     from llb_edge.runtime.versions import VersionChange
@@ -76,6 +77,10 @@ def train(
     """Train a model: LLB screening (stage 1) and the final Dinomaly model (stage 2), then evaluate it.
 
     Writes a run directory (config.json, metadata.json, model.safetensors, metrics.json, overlays/).
+    The whole frame is inspected: images are resized straight to the model input (data.resize =
+    data.crop = 392). --set data.resize=448 gives the Dinomaly paper's 448 -> 392 centre crop, for
+    paper-comparable benchmarks only: the border ring it drops (23% of the frame) is never inspected.
+    train.calibration_fraction of the kept images is held back to calibrate the threshold.
     """
     setup_logging(verbose)
     from llb_edge.config import load_config
@@ -172,6 +177,18 @@ def serve(
     capture_queue: Annotated[int, typer.Option(help="Frames waiting for the writer before drops.")] = 32,
     capture_queue_mb: Annotated[float, typer.Option(help="Bytes waiting for the writer before drops.")] = 256.0,
     capture_fsync: Annotated[bool, typer.Option(help="fsync every captured frame.")] = False,
+    roi: Annotated[list[str] | None, typer.Option(
+        help="Inspect only this rectangle of a camera's frames, CAMERA=x,y,width,height in frame pixels "
+             "(repeatable). Outside it nothing is inspected.")] = None,
+    roi_mask: Annotated[list[str] | None, typer.Option(
+        help="Inspect only a mask's non-zero pixels, CAMERA=mask.png, the mask the size of that camera's frames "
+             "(repeatable; with --roi, cut to the rectangle).")] = None,
+    ng_rate_window: Annotated[int, typer.Option(
+        help="Frames per camera over which the NG rate is compared with the bundle's expected rate.")] = (
+        DEFAULT_NG_RATE_WINDOW),
+    ng_rate_alpha: Annotated[float, typer.Option(
+        help="False-alarm probability of the NG-rate warning per full window (binomial test).")] = (
+        DEFAULT_NG_RATE_ALPHA),
     log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING.")] = "INFO",
 ) -> None:
     """Serve a bundle on the line: frames in over ZeroMQ, OK/NG results and anomaly maps out.
@@ -182,9 +199,11 @@ def serve(
     from llb_edge.runtime.capture import CaptureOptions, parse_camera_rates
     from llb_edge.runtime.daemon import ServeOptions
     from llb_edge.runtime.daemon import serve as run_daemon
+    from llb_edge.runtime.roi import parse_regions
 
     port = off_or(health_port)
     try:
+        regions = parse_regions(roi or [], roi_mask or [])
         capture = CaptureOptions(
             pool_dir=capture_pool, rate=capture_rate, camera_rates=parse_camera_rates(capture_camera_rate or []),
             ng_rate=capture_ng_rate, band=capture_band, band_rate=capture_band_rate, quota_mb=capture_quota_mb,
@@ -199,6 +218,7 @@ def serve(
         post_workers=post_workers, max_cameras=max_cameras, max_payload_bytes=max_payload_bytes, max_pixels=max_pixels,
         map_payload=map_payload, heartbeat_s=heartbeat_s, intake_hwm=intake_hwm, results_hwm=results_hwm,
         curve_secret=curve_secret, curve_allowed=curve_allowed, ort_threads=ort_threads, capture=capture,
+        regions=regions, ng_rate_window=ng_rate_window, ng_rate_alpha=ng_rate_alpha,
     )
     try:
         options.validate()

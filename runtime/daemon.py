@@ -63,7 +63,7 @@ from llb_edge.protocol import (
 from llb_edge.runtime.backends import BACKEND_CHOICES, Backend, create_backend, self_check
 from llb_edge.runtime.capture import CaptureOptions, FrameCapture
 from llb_edge.runtime.control import ControlRequest, parse_control_request
-from llb_edge.runtime.drift import DEFAULT_ALPHA, DEFAULT_WINDOW, NgRateMonitor
+from llb_edge.runtime.drift import DEFAULT_NG_RATE_ALPHA, DEFAULT_NG_RATE_WINDOW, NgRateMonitor
 from llb_edge.runtime.frames import DEFAULT_MAX_PIXELS, Frame, FrameQueues, decode_frame_image
 from llb_edge.runtime.health import (
     BATCH_BUCKETS,
@@ -121,8 +121,8 @@ class ServeOptions:
     capture: CaptureOptions = field(default_factory=CaptureOptions)  # frame capture for retraining; off by default
     # Per camera: only this part of its frames is inspected (runtime/roi.py); cameras not listed: the whole frame.
     regions: dict[str, RegionOfInterest] = field(default_factory=dict)
-    ng_rate_window: int = DEFAULT_WINDOW  # frames per camera in the NG-rate drift check (runtime/drift.py)
-    ng_rate_alpha: float = DEFAULT_ALPHA  # false-alarm probability of that check per full window
+    ng_rate_window: int = DEFAULT_NG_RATE_WINDOW  # frames per camera in the NG-rate drift check (runtime/drift.py)
+    ng_rate_alpha: float = DEFAULT_NG_RATE_ALPHA  # false-alarm probability of that check per full window
 
     def validate(self) -> None:
         problems = []

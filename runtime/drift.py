@@ -26,14 +26,14 @@ from llb_edge.calibration import binomial_alarm_count
 from llb_edge.runtime.health import MetricsRegistry
 from llb_edge.runtime.logs import log_event
 
-DEFAULT_WINDOW = 500
-DEFAULT_ALPHA = 1e-3
+DEFAULT_NG_RATE_WINDOW = 500
+DEFAULT_NG_RATE_ALPHA = 1e-3
 
 
 class NgRateMonitor:
     def __init__(
-        self, registry: MetricsRegistry, logger: logging.Logger, window: int = DEFAULT_WINDOW,
-        alpha: float = DEFAULT_ALPHA,
+        self, registry: MetricsRegistry, logger: logging.Logger, window: int = DEFAULT_NG_RATE_WINDOW,
+        alpha: float = DEFAULT_NG_RATE_ALPHA,
     ) -> None:
         if window < 1 or not 0.0 < alpha < 1.0:
             raise ValueError(f"the NG-rate window must be >= 1 and alpha in (0, 1), got {window}, {alpha}")

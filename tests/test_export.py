@@ -111,15 +111,41 @@ def test_parity_images_are_real_test_images(exported: tuple[Path, list[str]]) ->
 
 
 def test_thresholds(exported: tuple[Path, list[str]], tiny_run: Path) -> None:
-    from llb_edge.exporters.threshold import default_threshold
+    from llb_edge.exporters.threshold import default_threshold, quantile_rule
 
     m = load_bundle(exported[0]).manifest
-    expected = default_threshold(tiny_run)
+    expected = default_threshold(tiny_run)  # calibrated for the default 1% target
     assert m.threshold.value == pytest.approx(expected.value)
     assert m.threshold.method == expected.description and m.threshold.set_by == "llb-edge export"
     candidates = m.extra["threshold_candidates"]
-    assert candidates["quantile"]["value"] == pytest.approx(expected.value)
+    assert candidates["calibrated"]["value"] == pytest.approx(expected.value)
+    assert candidates["quantile"]["value"] == pytest.approx(quantile_rule(tiny_run).value)
     assert candidates["f1max"]["method"] == "f1max" and candidates["f1max"]["count"] > 0
+    # The bundle carries its calibration scores and what they say about the false-reject rate.
+    calibration = json.loads((tiny_run / "calibration_scores.json").read_text())["scores"]
+    assert m.extra["calibration"]["scores"] == sorted(calibration.values())
+    frr = m.threshold.frr
+    assert frr["target"] == 0.01 and frr["calibration_count"] == len(calibration) == 12
+    assert not frr["reachable"] and frr["expected"] == pytest.approx(1 / 13)  # 1% needs 99 calibration images
+    assert frr["upper"] == pytest.approx(1 - 0.05 ** (1 / 12))
+    # --validation test: measured rates at the chosen threshold, on the run's labelled test images.
+    measured = m.extra["validation"]
+    assert measured["threshold"] == m.threshold.value and measured["normal"] + measured["anomalous"] == 16
+    assert 0 <= measured["false_reject_rate"] <= 1 and 0 <= measured["escape_rate"] <= 1
+
+
+def test_target_frr_and_method_choice(tiny_run: Path, tmp_path: Path) -> None:
+    from llb_edge.calibration import threshold_for_target
+
+    calibration = list(json.loads((tiny_run / "calibration_scores.json").read_text())["scores"].values())
+    bundle = export_bundle(tiny_run, tmp_path / "b", precisions=("fp32",), target_frr=0.25)
+    assert bundle.threshold == threshold_for_target(calibration, 0.25).threshold
+    assert bundle.manifest.threshold.frr["reachable"] and "validation" not in bundle.manifest.extra
+    bundle = export_bundle(tiny_run, tmp_path / "q", precisions=("fp32",), threshold_method="quantile")
+    assert bundle.manifest.threshold.frr["target"] is None  # not chosen for a target, but still estimated
+    assert bundle.manifest.threshold.frr["calibration_count"] == 12
+    with pytest.raises(ExportError, match="target false-reject rate"):
+        export_bundle(tiny_run, tmp_path / "x", precisions=("fp32",), target_frr=1.5)
 
 
 def test_tensorrt_skipped_with_a_warning_for_all(exported: tuple[Path, list[str]]) -> None:
