@@ -248,6 +248,7 @@ class ThresholdDecision:
     candidates: dict[str, Any]
     frr: dict[str, Any]  # calibration estimate at the chosen value; empty without a calibration slice
     calibration: np.ndarray | None
+    calibration_source: str | None
     validation: dict[str, Any] | None  # measured rates on labelled images at the chosen value
 
 
@@ -256,7 +257,7 @@ def _threshold(
     threshold_method: str, target_frr: float, margin: float,
 ) -> ThresholdDecision:
     choices: dict[str, ThresholdChoice] = {METHOD_QUANTILE: quantile_rule(run_dir, margin)}
-    calibration = read_calibration_scores(run_dir)
+    calibration, source = read_calibration_scores(run_dir)
     if calibration is not None:
         choices[METHOD_CALIBRATED] = calibrated_threshold(calibration, target_frr)
     elif threshold_method == METHOD_CALIBRATED:
@@ -278,7 +279,8 @@ def _threshold(
     else:
         frr = estimate_frr(calibration, chosen.value).to_dict() if calibration is not None else {}
     measured = labelled_rates(scores, labels, chosen.value) if scores is not None else None
-    return ThresholdDecision(chosen, {name: c.to_dict() for name, c in choices.items()}, frr, calibration, measured)
+    return ThresholdDecision(chosen, {name: c.to_dict() for name, c in choices.items()}, frr, calibration, source,
+                             measured)
 
 
 def _manifest(
@@ -441,7 +443,7 @@ def export_bundle(
         }
         if threshold.calibration is not None:
             extra[BUNDLE_CALIBRATION_KEY] = {
-                "source": "final-model scores on the held-back calibration slice of the kept training images",
+                "source": threshold.calibration_source,
                 "count": int(len(threshold.calibration)), "confidence": DEFAULT_CONFIDENCE,
                 "scores": sorted(float(v) for v in threshold.calibration),
             }

@@ -148,15 +148,17 @@ def read_train_scores(run_dir: str | Path) -> tuple[np.ndarray | None, dict[str,
     return scores, stats
 
 
-def read_calibration_scores(run_dir: str | Path) -> np.ndarray | None:
-    """The final model's scores on the run's held-back calibration slice, or None for runs without one."""
+def read_calibration_scores(run_dir: str | Path) -> tuple[np.ndarray | None, str | None]:
+    """(the final model's scores on the run's held-back calibration slice, its source: training | kept),
+    (None, None) for runs without one."""
     from llb_edge.runs import CALIBRATION_SCORES
 
     path = Path(run_dir) / CALIBRATION_SCORES
     if not path.is_file():
-        return None
-    raw = json.loads(path.read_text()).get("scores") or {}
-    return np.asarray(list(raw.values()), dtype=np.float64) if raw else None
+        return None, None
+    record = json.loads(path.read_text())
+    raw = record.get("scores") or {}
+    return (np.asarray(list(raw.values()), dtype=np.float64) if raw else None), record.get("source")
 
 
 def quantile_rule(run_dir: str | Path, margin: float = DEFAULT_MARGIN) -> ThresholdChoice:
@@ -165,16 +167,3 @@ def quantile_rule(run_dir: str | Path, margin: float = DEFAULT_MARGIN) -> Thresh
     if scores is not None:
         return quantile_threshold(scores, DEFAULT_QUANTILE, margin)
     return stats_threshold(stats, margin)
-
-
-def default_threshold(
-    run_dir: str | Path, target_frr: float = DEFAULT_TARGET_FRR, margin: float = DEFAULT_MARGIN
-) -> ThresholdChoice:
-    """The default rule for a run: calibrated for ``target_frr`` when it has a calibration slice,
-    else (runs trained before it existed, or with train.calibration_fraction = 0) the quantile rule."""
-    calibration = read_calibration_scores(run_dir)
-    if calibration is not None:
-        return calibrated_threshold(calibration, target_frr)
-    log.warning("%s has no calibration slice (calibration_scores.json); falling back to the training-score quantile "
-                "rule, which rejects more normal parts than it says. Re-train for a calibrated threshold.", run_dir)
-    return quantile_rule(run_dir, margin)

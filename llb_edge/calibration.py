@@ -79,9 +79,15 @@ def binomial_alarm_count(window: int, rate: float, alpha: float) -> int:
     """Smallest count c with P(X >= c) <= alpha for X ~ Binomial(window, rate); window + 1 if none."""
     if window < 1 or not 0.0 <= rate <= 1.0 or not 0.0 < alpha < 1.0:
         raise CalibrationError(f"invalid alarm settings: window {window}, rate {rate}, alpha {alpha}")
+    if rate == 0.0:
+        return 1
+    if rate == 1.0:
+        return window + 1
+    below = 0.0  # P(X < count), accumulated in one pass
     for count in range(window + 1):
-        if 1.0 - binomial_cdf(count - 1, window, rate) <= alpha:
+        if 1.0 - below <= alpha:
             return count
+        below += math.exp(_log_binomial_pmf(count, window, rate))
     return window + 1
 
 

@@ -90,12 +90,17 @@ class TrainConfig:
     cache_location: str = "auto"
     # Bound on host/device memory the feature cache may take before spilling to disk, in GiB.
     cache_budget_gb: float = 8.0
-    # Calibration slice (docs/bundle.md): this fraction of the kept images (D_pure), at least
-    # calibration_min of them and at most half, is held back from the final model's training and
-    # scored by it at the end; the exporter sets the threshold for a target false-reject rate on
-    # those scores. 0 disables it (the exporter then falls back to the training-score quantile rule).
+    # Calibration slice (docs/bundle.md): this fraction of the training images, at least
+    # calibration_min of them and at most half, is held back from training and scored by the final
+    # model at the end; the exporter sets the threshold for a target false-reject rate on those
+    # scores. 0 disables it (the exporter then falls back to the training-score quantile rule).
     calibration_fraction: float = 0.15
     calibration_min: int = 20
+    # training: a random slice of the whole training set, held back before LLB stage 1 (representative
+    # of the line; unlabelled defects in it make the threshold conservative). kept: a slice of D_pure
+    # after screening (defect-free, but D_pure is the easiest part of the set: it can promise too few
+    # false rejects).
+    calibration_source: str = "training"
 
 
 @dataclass
@@ -242,6 +247,7 @@ def validate(config: RunConfig) -> None:
     _check(0.0 <= data.contamination < 1.0, "data.contamination must be in [0, 1)")
     _check(0.0 <= train.calibration_fraction < 1.0, "train.calibration_fraction must be in [0, 1)")
     _check(train.calibration_min >= 0, "train.calibration_min must be >= 0")
+    _check(train.calibration_source in ("training", "kept"), "train.calibration_source must be training or kept")
     _check(train.iterations > 0 and train.batch_size > 0, "train.iterations and batch_size must be > 0")
     _check(train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16")
     _check(train.cache_location in ("auto", "device", "host", "disk"),

@@ -111,10 +111,10 @@ def test_parity_images_are_real_test_images(exported: tuple[Path, list[str]]) ->
 
 
 def test_thresholds(exported: tuple[Path, list[str]], tiny_run: Path) -> None:
-    from llb_edge.exporters.threshold import default_threshold, quantile_rule
+    from llb_edge.exporters.threshold import calibrated_threshold, quantile_rule, read_calibration_scores
 
     m = load_bundle(exported[0]).manifest
-    expected = default_threshold(tiny_run)  # calibrated for the default 1% target
+    expected = calibrated_threshold(read_calibration_scores(tiny_run)[0])  # for the default 1% target
     assert m.threshold.value == pytest.approx(expected.value)
     assert m.threshold.method == expected.description and m.threshold.set_by == "llb-edge export"
     candidates = m.extra["threshold_candidates"]
@@ -124,6 +124,7 @@ def test_thresholds(exported: tuple[Path, list[str]], tiny_run: Path) -> None:
     # The bundle carries its calibration scores and what they say about the false-reject rate.
     calibration = json.loads((tiny_run / "calibration_scores.json").read_text())["scores"]
     assert m.extra["calibration"]["scores"] == sorted(calibration.values())
+    assert m.extra["calibration"]["source"] == "training"
     frr = m.threshold.frr
     assert frr["target"] == 0.01 and frr["calibration_count"] == len(calibration) == 12
     assert not frr["reachable"] and frr["expected"] == pytest.approx(1 / 13)  # 1% needs 99 calibration images

@@ -312,9 +312,25 @@ def test_knn_stage1_end_to_end_through_train(tmp_path):
         tmp_path / "knn", llb__stages="1,2", llb__submodel="knn", train__iterations=4)), evaluate_after=False)
     metadata = json.loads((run_dir / "metadata.json").read_text())
     screening = metadata["screening"]
-    assert screening["submodel"] == "knn" and screening["kept"] == math.floor(24 * 0.4)
+    # The calibration slice (half of the 24 here: calibration_min 20, at most half) is held back
+    # before stage 1: neither the screening nor the final model sees it.
+    assert metadata["calibration_source"] == "training" and metadata["calibration_images"] == 12
+    assert screening["submodel"] == "knn" and screening["images"] == 12 and screening["kept"] == math.floor(12 * 0.4)
     purified = load_sample_list(run_dir / "stage1" / "purified.jsonl")
     assert purified == load_sample_list(run_dir / "train_list.jsonl")
+    calibration = set(json.loads((run_dir / "calibration_scores.json").read_text())["scores"])
+    screened = {row.split(",")[1] for row in (run_dir / "stage1" / "scores.csv").read_text().splitlines()[1:]}
+    assert len(calibration) == 12 and not calibration & screened and len(screened) == 12
+
+    kept_run = run_training(load_config(None, tiny_overrides(
+        tmp_path / "kept", llb__stages="1,2", llb__submodel="knn", train__iterations=4,
+        train__calibration_source="kept")), evaluate_after=False)
+    purified = {s.path for s in load_sample_list(kept_run / "stage1" / "purified.jsonl")}
+    trained = {s.path for s in load_sample_list(kept_run / "train_list.jsonl")}
+    calibration = set(json.loads((kept_run / "calibration_scores.json").read_text())["scores"])
+    # "kept": a slice of D_pure (floor(24 * 0.4) = 9 images, of which at most half is held back).
+    assert len(purified) == 9 and len(calibration) == 4 and calibration | trained == purified
+    assert not calibration & trained
     page = (run_dir / "stage1" / "report.html").read_text()
     refs = re.findall(r'src="([^"]+\.png)"', page)
     assert refs and all((run_dir / "stage1" / ref).is_file() for ref in refs)

@@ -57,17 +57,17 @@ def calibration_count(kept: int, fraction: float, minimum: int) -> int:
     return min(max(round(fraction * kept), minimum), kept // 2)
 
 
-def calibration_split(kept: np.ndarray, train: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(positions the final model trains on, positions held back to calibrate its threshold), both ascending.
+def calibration_split(positions: np.ndarray, train: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(positions kept for training, positions held back to calibrate the threshold), both ascending.
 
-    The held-back slice is drawn from D_pure with its own seed stream (``train.seed``), so a resumed
-    run holds back the same images.
+    The held-back slice is drawn with its own seed stream (``train.seed``), so a resumed run holds
+    back the same images.
     """
-    count = calibration_count(len(kept), train.calibration_fraction, train.calibration_min)
+    count = calibration_count(len(positions), train.calibration_fraction, train.calibration_min)
     rng = np.random.default_rng(np.random.SeedSequence([train.seed, CALIBRATION_SEED_STREAM]))
-    held = np.zeros(len(kept), dtype=bool)
-    held[rng.choice(len(kept), count, replace=False)] = True
-    return np.sort(kept[~held]), np.sort(kept[held])
+    held = np.zeros(len(positions), dtype=bool)
+    held[rng.choice(len(positions), count, replace=False)] = True
+    return np.sort(positions[~held]), np.sort(positions[held])
 
 
 def load_split(cfg: RunConfig) -> DatasetSplit:
@@ -99,21 +99,32 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
     log.info("dataset %s", split.summary())
 
     images = load_model_inputs(split.train, geometry, desc="loading training images")
+    # The calibration slice (docs/bundle.md): "training" holds it back from the whole training set
+    # before stage 1 sees it; "kept" from D_pure after screening.
+    everything = np.arange(len(split.train))
+    pool, held = (calibration_split(everything, cfg.train) if cfg.train.calibration_source == "training"
+                  else (everything, everything[:0]))
+    samples = [split.train[i] for i in pool]
     t0 = time.perf_counter()
-    features = EncodedImages.from_config(model, images, device, cfg.train, spill_dir=run_dir)
+    features = EncodedImages.from_config(model, images if len(held) == 0 else images[pool], device, cfg.train,
+                                         spill_dir=run_dir)
     encode_seconds = time.perf_counter() - t0
 
     stages = {s.strip() for s in cfg.llb.stages.split(",")}
-    kept = np.arange(len(split.train))
+    kept = np.arange(len(samples))
     screening: dict = {}
     if "1" in stages:
         from llb_edge.trainer.llb import run_stage1
 
-        kept, screening = run_stage1(cfg, model.encoder, features, split.train, run_dir, resume, make_scorer(cfg))
+        kept, screening = run_stage1(cfg, model.encoder, features, samples, run_dir, resume, make_scorer(cfg))
         if not is_primary_rank():
             return run_dir
-    kept, calibration = calibration_split(kept, cfg.train)
-    train_samples = [split.train[i] for i in kept]
+    if cfg.train.calibration_source == "kept":
+        kept, held_kept = calibration_split(kept, cfg.train)
+        calibration_samples = [samples[i] for i in held_kept]
+    else:
+        calibration_samples = [split.train[i] for i in held]
+    train_samples = [samples[i] for i in kept]
     save_sample_list(train_samples, run_dir / runs.TRAIN_LIST)
 
     final = model if "1" not in stages else Dinomaly(model.encoder, model.decoder[0].attn.num_heads,
@@ -124,15 +135,22 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
     )
     save_file({k: v.detach().cpu().contiguous() for k, v in final.trainable_state_dict().items()},
               str(run_dir / runs.MODEL))
-    train_scores, _ = score_encoded(final, make_scorer(cfg).to(device), features, kept)
+    scorer = make_scorer(cfg).to(device)
+    train_scores, _ = score_encoded(final, scorer, features, kept)
     runs.write_json(run_dir / runs.TRAIN_SCORES, {"stats": score_stats(train_scores),
                                                   "scores": {s.path: float(v) for s, v in
                                                              zip(train_samples, train_scores, strict=True)}})
-    if len(calibration):
-        calibration_scores, _ = score_encoded(final, make_scorer(cfg).to(device), features, calibration)
+    if calibration_samples:
+        if cfg.train.calibration_source == "kept":
+            calibration_features, positions = features, held_kept
+        else:
+            calibration_features = EncodedImages.from_config(model, images[held], device, cfg.train, spill_dir=run_dir)
+            positions = np.arange(len(held))
+        calibration_scores, _ = score_encoded(final, scorer, calibration_features, positions)
         runs.write_json(run_dir / runs.CALIBRATION_SCORES, {
+            "source": cfg.train.calibration_source,
             "stats": score_stats(calibration_scores),
-            "scores": {split.train[i].path: float(v) for i, v in zip(calibration, calibration_scores, strict=True)},
+            "scores": {s.path: float(v) for s, v in zip(calibration_samples, calibration_scores, strict=True)},
         })
     metadata = {
         "encoder": cfg.model.encoder,
@@ -143,7 +161,8 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
         "device": str(device),
         "precision": cfg.train.precision,
         "train_images": len(train_samples),
-        "calibration_images": int(len(calibration)),
+        "calibration_images": len(calibration_samples),
+        "calibration_source": cfg.train.calibration_source,
         "train_list": runs.TRAIN_LIST,  # with labels when known
         "train_paths": [sample.path for sample in train_samples],
         "dataset": {"name": split.name, "train": len(split.train), "test": len(split.test)},
