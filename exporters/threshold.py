@@ -2,11 +2,12 @@
 
 Default rule (docs/bundle.md): the user states the false-reject rate (FRR) they accept
 (``--target-frr``, default 1%), and the threshold is the split-conformal order statistic of the
-final model's scores on the **calibration slice**: kept training images (D_pure) the trainer held
-back from the final model and scored with it at the end (``calibration_scores.json`` of the run,
-``train.calibration_fraction``). Those images are normal parts the model never trained on, so
-they score like the line's unseen normal parts; the statistics (expected FRR, Clopper-Pearson
-upper bound) are in llb_edge.calibration. ``score >= threshold`` is NG on the line.
+final model's scores on the **calibration slice**: training images the trainer held back (by
+default before LLB stage 1, ``train.calibration_source``) and scored with the final model at the
+end (``calibration_scores.json`` of the run, ``train.calibration_fraction``). The model never
+trained on them and nothing selected them by score, so they score like the line's unseen parts;
+the statistics (expected FRR, Clopper-Pearson upper bound) are in llb_edge.calibration.
+``score >= threshold`` is NG on the line.
 
 The previous rule, ``q99.5 + 0.25 * (q99.5 - q50)`` of the scores on the images the final model
 trained on, stays as a candidate (and the fallback for runs without a calibration slice), but it

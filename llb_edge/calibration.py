@@ -1,8 +1,8 @@
 """The false-reject rate a threshold gives, from normal images the model never trained on.
 
-The trainer holds back a seeded slice of the kept training images (``train.calibration_fraction``)
-and scores it with the final model; those scores are exchangeable with the scores of unseen normal
-parts on the line, which is all the statistics below assume (docs/bundle.md).
+The trainer holds back a seeded slice of the training images (``train.calibration_fraction``)
+and scores it with the final model; those scores are exchangeable with the scores of the line's
+unseen parts, which is all the statistics below assume (docs/bundle.md).
 
 For ``n`` calibration scores and a threshold ``t`` (``score >= t`` is NG) with ``x`` of them at or
 above ``t``:
