@@ -252,10 +252,12 @@ class ThresholdDecision:
     validation: dict[str, Any] | None  # measured rates on labelled images at the chosen value
 
 
-def _threshold(
+def choose_threshold(
     run_dir: Path, cfg: RunConfig, onnx_fp32: Path, validation: str | Path | Sequence[Sample] | None,
-    threshold_method: str, target_frr: float, margin: float,
+    threshold_method: str, target_frr: float, margin: float = DEFAULT_MARGIN,
 ) -> ThresholdDecision:
+    """The bundle's threshold by ``threshold_method``, every candidate, the calibration estimate at
+    the chosen value, and with ``validation`` the measured rates there (scored on ``onnx_fp32``)."""
     choices: dict[str, ThresholdChoice] = {METHOD_QUANTILE: quantile_rule(run_dir, margin)}
     calibration, source = read_calibration_scores(run_dir)
     if calibration is not None:
@@ -421,7 +423,7 @@ def export_bundle(
             lint_notes[precision] = [str(f) for f in findings]
 
         np.save(staging / PARITY_IMAGES_FILE, images)
-        threshold = _threshold(run_dir, cfg, onnx_paths["fp32"], validation, threshold_method, target_frr,
+        threshold = choose_threshold(run_dir, cfg, onnx_paths["fp32"], validation, threshold_method, target_frr,
                                threshold_margin)
         trained = run_dir / MODEL
         extra: dict[str, Any] = {

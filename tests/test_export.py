@@ -135,18 +135,21 @@ def test_thresholds(exported: tuple[Path, list[str]], tiny_run: Path) -> None:
     assert 0 <= measured["false_reject_rate"] <= 1 and 0 <= measured["escape_rate"] <= 1
 
 
-def test_target_frr_and_method_choice(tiny_run: Path, tmp_path: Path) -> None:
+def test_target_frr_and_method_choice(exported: tuple[Path, list[str]], tiny_run: Path) -> None:
     from llb_edge.calibration import threshold_for_target
+    from llb_edge.exporters.bundle_export import choose_threshold
+    from llb_edge.runs import read_run_config
 
+    cfg, onnx_fp32 = read_run_config(tiny_run), exported[0] / "model_fp32.onnx"
     calibration = list(json.loads((tiny_run / "calibration_scores.json").read_text())["scores"].values())
-    bundle = export_bundle(tiny_run, tmp_path / "b", precisions=("fp32",), target_frr=0.25)
-    assert bundle.threshold == threshold_for_target(calibration, 0.25).threshold
-    assert bundle.manifest.threshold.frr["reachable"] and "validation" not in bundle.manifest.extra
-    bundle = export_bundle(tiny_run, tmp_path / "q", precisions=("fp32",), threshold_method="quantile")
-    assert bundle.manifest.threshold.frr["target"] is None  # not chosen for a target, but still estimated
-    assert bundle.manifest.threshold.frr["calibration_count"] == 12
+    decision = choose_threshold(tiny_run, cfg, onnx_fp32, None, "calibrated", 0.25)
+    assert decision.chosen.value == threshold_for_target(calibration, 0.25).threshold
+    assert decision.frr["reachable"] and decision.frr["target"] == 0.25 and decision.validation is None
+    decision = choose_threshold(tiny_run, cfg, onnx_fp32, None, "quantile", 0.25)
+    assert decision.frr["target"] is None and decision.frr["calibration_count"] == 12  # estimated all the same
+    assert decision.chosen.method == "quantile" and set(decision.candidates) == {"quantile", "calibrated"}
     with pytest.raises(ExportError, match="target false-reject rate"):
-        export_bundle(tiny_run, tmp_path / "x", precisions=("fp32",), target_frr=1.5)
+        export_bundle(tiny_run, onnx_fp32.parent / "never", precisions=("fp32",), target_frr=1.5)
 
 
 def test_tensorrt_skipped_with_a_warning_for_all(exported: tuple[Path, list[str]]) -> None:
