@@ -6,8 +6,9 @@ Steps, each of which can refuse the export (nothing is left behind when one does
 2. export the ONNX graph per precision (exporters/onnx_export.py: onnx.checker + contract check);
 3. the TensorRT lint (exporters/lint.py): any error-level finding fails the export;
 4. the parity gate on real images (exporters/parity.py): ONNX Runtime vs the PyTorch model;
-5. the default threshold from the kept training images' scores (exporters/threshold.py), and the
-   F1-max threshold when labelled validation images are given;
+5. the threshold for the target false-reject rate from the run's held-back calibration scores
+   (exporters/threshold.py), and with labelled validation images the F1-max candidate and the
+   measured false-reject and escape rates at the chosen threshold;
 6. TensorRT engines when asked for and TensorRT imports (exporters/tensorrt.py; engines are built
    on the target machine: there, `llb-edge export RUN_DIR --format tensorrt`, or
    :func:`add_tensorrt_engine` on a copied bundle);
@@ -26,6 +27,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ from llb_edge.bundle import (
     utc_now,
     write_manifest,
 )
+from llb_edge.calibration import BUNDLE_CALIBRATION_KEY, DEFAULT_CONFIDENCE, DEFAULT_TARGET_FRR, estimate_frr
 from llb_edge.config import RunConfig
 from llb_edge.data.samples import ANOMALOUS, NORMAL, Sample, load_sample_list
 from llb_edge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Geometry
@@ -67,11 +70,16 @@ from llb_edge.exporters.tensorrt import (
 )
 from llb_edge.exporters.threshold import (
     DEFAULT_MARGIN,
+    METHOD_CALIBRATED,
     METHOD_F1MAX,
     METHOD_QUANTILE,
+    METHODS,
     ThresholdChoice,
-    default_threshold,
+    calibrated_threshold,
     f1max_threshold,
+    labelled_rates,
+    quantile_rule,
+    read_calibration_scores,
     read_train_scores,
 )
 
@@ -232,29 +240,54 @@ def _train_score_check(run_dir: Path, onnx_path: Path, geometry: Geometry, count
     return {"checked": len(picked), "max_abs_diff": float(f"{diff:.4g}")}
 
 
-def _threshold(
+@dataclass(frozen=True)
+class ThresholdDecision:
+    """The bundle's threshold, the candidates it was chosen from, and what is known of its error rates."""
+
+    chosen: ThresholdChoice
+    candidates: dict[str, Any]
+    frr: dict[str, Any]  # calibration estimate at the chosen value; empty without a calibration slice
+    calibration: np.ndarray | None
+    calibration_source: str | None
+    validation: dict[str, Any] | None  # measured rates on labelled images at the chosen value
+
+
+def choose_threshold(
     run_dir: Path, cfg: RunConfig, onnx_fp32: Path, validation: str | Path | Sequence[Sample] | None,
-    threshold_method: str, margin: float,
-) -> tuple[ThresholdChoice, dict[str, Any]]:
-    candidates: dict[str, Any] = {}
-    quantile = default_threshold(run_dir, margin)
-    candidates[METHOD_QUANTILE] = quantile.to_dict()
-    chosen = quantile
+    threshold_method: str, target_frr: float, margin: float = DEFAULT_MARGIN,
+) -> ThresholdDecision:
+    """The bundle's threshold by ``threshold_method``, every candidate, the calibration estimate at
+    the chosen value, and with ``validation`` the measured rates there (scored on ``onnx_fp32``)."""
+    choices: dict[str, ThresholdChoice] = {METHOD_QUANTILE: quantile_rule(run_dir, margin)}
+    calibration, source = read_calibration_scores(run_dir)
+    if calibration is not None:
+        choices[METHOD_CALIBRATED] = calibrated_threshold(calibration, target_frr)
+    elif threshold_method == METHOD_CALIBRATED:
+        log.warning("%s has no calibration slice (calibration_scores.json, train.calibration_fraction); the "
+                    "threshold falls back to the training-score quantile rule, which rejects more normal parts "
+                    "than it says. Re-train for a calibrated threshold.", run_dir)
+        threshold_method = METHOD_QUANTILE
+    scores = labels = None
     if validation is not None:
         samples = validation_samples(run_dir, cfg, validation)
         scores = _score_images(onnx_fp32, [s.path for s in samples], Geometry(cfg.data.resize, cfg.data.crop))
-        f1 = f1max_threshold(scores, np.asarray([s.label for s in samples]))
-        candidates[METHOD_F1MAX] = f1.to_dict()
-        if threshold_method == METHOD_F1MAX:
-            chosen = f1
+        labels = np.asarray([s.label for s in samples])
+        choices[METHOD_F1MAX] = f1max_threshold(scores, labels)
     elif threshold_method == METHOD_F1MAX:
         raise ExportError("threshold_method f1max needs a labelled validation set (validation=...)")
-    return chosen, candidates
+    chosen = choices[threshold_method]
+    if chosen.method == METHOD_CALIBRATED:
+        frr = dict(chosen.details)  # carries the target it was chosen for
+    else:
+        frr = estimate_frr(calibration, chosen.value).to_dict() if calibration is not None else {}
+    measured = labelled_rates(scores, labels, chosen.value) if scores is not None else None
+    return ThresholdDecision(chosen, {name: c.to_dict() for name, c in choices.items()}, frr, calibration, source,
+                             measured)
 
 
 def _manifest(
     run_dir: Path, cfg: RunConfig, metadata: dict[str, Any], model_id: str | None, model_version: str | None,
-    threshold: ThresholdChoice, files: dict[str, ModelFile], extra: dict[str, Any],
+    threshold: ThresholdDecision, files: dict[str, ModelFile], extra: dict[str, Any],
 ) -> BundleManifest:
     created = utc_now()
     _, stats = read_train_scores(run_dir)
@@ -272,8 +305,8 @@ def _manifest(
         map_size=map_size,
         outputs={MAP_OUTPUT: ["batch", 1, map_size, map_size], SCORE_OUTPUT: ["batch"], MAX_OUTPUT: ["batch"]},
         score_stats=stats,
-        threshold=Threshold(value=threshold.value, method=threshold.description, set_by=EXPORTED_BY,
-                            set_at=created),
+        threshold=Threshold(value=threshold.chosen.value, method=threshold.chosen.description, set_by=EXPORTED_BY,
+                            set_at=created, frr=threshold.frr),
         files=files,
         extra=extra,
     )
@@ -314,7 +347,8 @@ def export_bundle(
     images_for_parity: np.ndarray | Sequence[str] | None = None,
     overwrite: bool = False,
     weights: str | None = None,
-    threshold_method: str = METHOD_QUANTILE,
+    threshold_method: str = METHOD_CALIBRATED,
+    target_frr: float = DEFAULT_TARGET_FRR,
     threshold_margin: float = DEFAULT_MARGIN,
     parity_count: int = parity.DEFAULT_PARITY_IMAGES,
     engine_precision: str = "fp16",
@@ -328,8 +362,10 @@ def export_bundle(
     graphs too (the engine's source, the parity reference and the runtime's fallback). With
     "tensorrt" a missing TensorRT is an error; with "all" it is a warning and the engines are skipped.
     precisions: ONNX precisions; fp32 is required (CPU runtime and parity reference).
-    validation: labelled images for the F1-max threshold: Samples, a JSONL sample list, or "test".
-    threshold_method: which candidate becomes the bundle's threshold: "quantile" (default) or "f1max".
+    validation: labelled images for the F1-max candidate and the measured false-reject and escape
+    rates: Samples, a JSONL sample list, or "test".
+    threshold_method: which candidate becomes the bundle's threshold: "calibrated" (default: the
+    conformal threshold for ``target_frr`` on the run's calibration slice), "quantile" or "f1max".
     images_for_parity: uint8 [N, crop, crop, 3] model inputs or image paths; default: the run's
     test images. weights: backbone weights file when the recorded path does not exist here.
     Raises ExportError, LintError, ParityError, TensorRTError or RunError with the reason.
@@ -340,8 +376,10 @@ def export_bundle(
     precisions = list(dict.fromkeys(precisions))
     if "fp32" not in precisions or set(precisions) - set(PRECISIONS):
         raise ExportError(f"precisions must include fp32 and be among {', '.join(PRECISIONS)}, got {precisions}")
-    if threshold_method not in (METHOD_QUANTILE, METHOD_F1MAX):
-        raise ExportError(f"threshold_method must be {METHOD_QUANTILE} or {METHOD_F1MAX}, got {threshold_method!r}")
+    if threshold_method not in METHODS:
+        raise ExportError(f"threshold_method must be one of {', '.join(METHODS)}, got {threshold_method!r}")
+    if not 0.0 < target_frr < 1.0:
+        raise ExportError(f"the target false-reject rate must be in (0, 1), got {target_frr}")
     _prepare_out_dir(out_dir, overwrite)
     wanted, skipped = _tensorrt_available(wanted, tensorrt_optional)
     if "tensorrt" in wanted and "fp16" not in precisions and engine_precision == "fp16":
@@ -385,8 +423,8 @@ def export_bundle(
             lint_notes[precision] = [str(f) for f in findings]
 
         np.save(staging / PARITY_IMAGES_FILE, images)
-        threshold, candidates = _threshold(run_dir, cfg, onnx_paths["fp32"], validation, threshold_method,
-                                           threshold_margin)
+        threshold = choose_threshold(run_dir, cfg, onnx_paths["fp32"], validation, threshold_method, target_frr,
+                               threshold_margin)
         trained = run_dir / MODEL
         extra: dict[str, Any] = {
             "input": {"name": INPUT_NAME, "shape": ["batch", cfg.data.crop, cfg.data.crop, 3], "dtype": "uint8",
@@ -394,8 +432,8 @@ def export_bundle(
             "backbone": metadata.get("backbone", {}),
             "trained_weights_sha256": sha256_file(trained),
             "top_fraction": cfg.eval.top_fraction,
-            "threshold_rule": threshold.to_dict(),
-            "threshold_candidates": candidates,
+            "threshold_rule": threshold.chosen.to_dict(),
+            "threshold_candidates": threshold.candidates,
             "parity_images": {"path": PARITY_IMAGES_FILE, "sha256": sha256_file(staging / PARITY_IMAGES_FILE),
                               "count": int(len(images)), "sources": image_sources},
             "train_scores_check": _train_score_check(run_dir, onnx_paths["fp32"], geometry),
@@ -405,6 +443,15 @@ def export_bundle(
                          "onnxruntime": onnxruntime.__version__},
             "skipped": skipped,
         }
+        if threshold.calibration is not None:
+            extra[BUNDLE_CALIBRATION_KEY] = {
+                "source": threshold.calibration_source,
+                "count": int(len(threshold.calibration)), "confidence": DEFAULT_CONFIDENCE,
+                "scores": sorted(float(v) for v in threshold.calibration),
+            }
+        if threshold.validation is not None:
+            extra["validation"] = {"source": str(validation) if isinstance(validation, str | Path) else "samples",
+                                   **threshold.validation}
         if "tensorrt" in wanted:
             build = build_checked_engine(onnx_paths, cfg.data.crop, images, engine_precision, engine_profile,
                                          engine_cache_dir, workspace_bytes)
@@ -419,7 +466,7 @@ def export_bundle(
         raise
     bundle = load_bundle(out_dir)
     log.info("bundle %s written in %.1f s (threshold %.6g, %s)", out_dir, time.perf_counter() - started,
-             threshold.value, threshold.description)
+             threshold.chosen.value, threshold.chosen.description)
     return bundle
 
 

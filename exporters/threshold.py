@@ -1,32 +1,28 @@
-"""The decision threshold a bundle ships with, set without labels.
+"""The decision threshold a bundle ships with, set without labels for a stated false-reject rate.
 
-Default rule (docs/bundle.md):
+Default rule (docs/bundle.md): the user states the false-reject rate (FRR) they accept
+(``--target-frr``, default 1%), and the threshold is the split-conformal order statistic of the
+final model's scores on the **calibration slice**: training images the trainer held back (by
+default before LLB stage 1, ``train.calibration_source``) and scored with the final model at the
+end (``calibration_scores.json`` of the run, ``train.calibration_fraction``). The model never
+trained on them and nothing selected them by score, so they score like the line's unseen parts;
+the statistics (expected FRR, Clopper-Pearson upper bound) are in llb_edge.calibration.
+``score >= threshold`` is NG on the line.
 
-    threshold = q99.5 + 0.25 * (q99.5 - q50)
+The previous rule, ``q99.5 + 0.25 * (q99.5 - q50)`` of the scores on the images the final model
+trained on, stays as a candidate (and the fallback for runs without a calibration slice), but it
+is biased low: the model has fitted those images, so they score lower than unseen normal parts
+(demo: median 0.123 vs 0.163), and the fixed margin does not undo that (24% false rejects).
 
-of the final model's image scores on the training images it was trained on (the images LLB kept,
-``train_scores.json`` of the run). ``score >= threshold`` is NG on the line.
-
-Why this rule:
-
-- LLB purification leaves training images that are (nearly) all normal, so their score
-  distribution estimates normal variation without any labels;
-- a high quantile rather than the max: one surviving defect among the kept images must not drag
-  the threshold up to its score. With fewer than ~200 images q99.5 is close to the max anyway;
-- the margin: these are the images the model was fitted on, so they score lower than unseen normal
-  parts; a margin above the quantile absorbs that optimism. It is proportional to the spread
-  (q99.5 - q50), not to the score value, so it means the same for every encoder and dataset
-  (scores have no common scale). For Gaussian scores q99.5 - q50 = 2.58 sigma, and the rule gives
-  median + 3.22 sigma, the 99.94% quantile: about one false NG per 1500 normal parts if unseen
-  normal parts scored like the training images; fewer once the optimism is accounted for.
-
-An operator tunes it on the line without re-exporting (``llb-edge bundle set-threshold``). With
-labelled validation images, :func:`f1max_threshold` offers the threshold maximising image F1.
+An operator tunes it on the line without re-exporting (``llb-edge bundle set-threshold``, with a
+value or a target rate). With labelled validation images, :func:`f1max_threshold` offers the
+threshold maximising image F1, and :func:`labelled_rates` measures FRR and escape rate.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,17 +32,22 @@ from typing import Any
 import numpy as np
 
 from llb_edge import metrics
+from llb_edge.calibration import DEFAULT_TARGET_FRR, threshold_for_target
+
+log = logging.getLogger(__name__)
 
 DEFAULT_QUANTILE = 0.995
 DEFAULT_MARGIN = 0.25
+METHOD_CALIBRATED = "calibrated"
 METHOD_QUANTILE = "quantile"
 METHOD_F1MAX = "f1max"
+METHODS = (METHOD_CALIBRATED, METHOD_QUANTILE, METHOD_F1MAX)
 
 
 @dataclass(frozen=True)
 class ThresholdChoice:
     value: float
-    method: str  # METHOD_QUANTILE | METHOD_F1MAX
+    method: str  # one of METHODS
     description: str  # human-readable rule, stored as bundle.json threshold.method
     details: dict[str, Any]
 
@@ -93,6 +94,36 @@ def stats_threshold(stats: Mapping[str, Any], margin: float = DEFAULT_MARGIN) ->
     return ThresholdChoice(value=float(value), method=METHOD_QUANTILE, description=description, details=details)
 
 
+def calibrated_threshold(scores: np.ndarray | list[float], target_frr: float = DEFAULT_TARGET_FRR) -> ThresholdChoice:
+    """The conformal threshold for ``target_frr`` on held-back calibration scores (module docstring)."""
+    estimate = threshold_for_target([float(v) for v in np.asarray(scores).reshape(-1)], target_frr)
+    if not estimate.reachable:
+        log.warning("a %.3g%% false-reject rate needs more than %d calibration images; the threshold sits above "
+                    "all of them, for an expected rate of %.3g%%", 100 * target_frr, estimate.calibration_count,
+                    100 * estimate.expected)
+    description = (f"conformal: false-reject target {target_frr:g} on {estimate.calibration_count} held-back "
+                   f"calibration images (expected {estimate.expected:.3g}, {estimate.confidence:.0%} upper bound "
+                   f"{estimate.upper:.3g})")
+    return ThresholdChoice(value=estimate.threshold, method=METHOD_CALIBRATED, description=description,
+                           details=estimate.to_dict())
+
+
+def labelled_rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Measured false-reject rate (normal scored NG) and escape rate (anomalous scored OK) at ``threshold``."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    normal, anomalous = scores[labels == 0], scores[labels == 1]
+    return {
+        "threshold": float(threshold),
+        "normal": int(len(normal)),
+        "anomalous": int(len(anomalous)),
+        "false_rejects": int(np.sum(normal >= threshold)),
+        "escapes": int(np.sum(anomalous < threshold)),
+        "false_reject_rate": float(np.mean(normal >= threshold)) if len(normal) else None,
+        "escape_rate": float(np.mean(anomalous < threshold)) if len(anomalous) else None,
+    }
+
+
 def f1max_threshold(scores: np.ndarray, labels: np.ndarray) -> ThresholdChoice:
     """The F1-maximising threshold on labelled validation scores (``score >= t`` is anomalous)."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -118,8 +149,21 @@ def read_train_scores(run_dir: str | Path) -> tuple[np.ndarray | None, dict[str,
     return scores, stats
 
 
-def default_threshold(run_dir: str | Path, margin: float = DEFAULT_MARGIN) -> ThresholdChoice:
-    """The default rule for a run: from raw training scores when recorded, else from the stats."""
+def read_calibration_scores(run_dir: str | Path) -> tuple[np.ndarray | None, str | None]:
+    """(the final model's scores on the run's held-back calibration slice, its source: training | kept),
+    (None, None) for runs without one."""
+    from llb_edge.runs import CALIBRATION_SCORES
+
+    path = Path(run_dir) / CALIBRATION_SCORES
+    if not path.is_file():
+        return None, None
+    record = json.loads(path.read_text())
+    raw = record.get("scores") or {}
+    return (np.asarray(list(raw.values()), dtype=np.float64) if raw else None), record.get("source")
+
+
+def quantile_rule(run_dir: str | Path, margin: float = DEFAULT_MARGIN) -> ThresholdChoice:
+    """The training-score quantile rule for a run: from raw training scores when recorded, else from the stats."""
     scores, stats = read_train_scores(run_dir)
     if scores is not None:
         return quantile_threshold(scores, DEFAULT_QUANTILE, margin)

@@ -80,6 +80,9 @@ class Threshold:
     set_by: str
     set_at: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The false-reject rate the calibration slice predicts at this value (llb_edge.calibration
+    # FalseRejectEstimate: target, calibration_count, expected, upper, ...); empty when unknown.
+    frr: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,15 +186,22 @@ def operator_name() -> str:
         return f"uid{os.getuid()}@{socket.gethostname()}"
 
 
-def set_threshold(root: str | Path, value: float, set_by: str | None = None, reason: str = "operator") -> Bundle:
-    """Change the decision threshold in place; the old value is kept in the history."""
+def set_threshold(
+    root: str | Path, value: float, set_by: str | None = None, reason: str = "operator",
+    frr: dict[str, Any] | None = None,
+) -> Bundle:
+    """Change the decision threshold in place; the old value is kept in the history.
+
+    ``frr``: the false-reject estimate at ``value`` (llb_edge.calibration), recorded with it.
+    """
     if not value == value or value in (float("inf"), float("-inf")):
         raise BundleError(f"threshold must be a finite number, got {value}")
     bundle = load_bundle(root, verify=False)
     old = bundle.manifest.threshold
     history = [*old.history, {"value": old.value, "method": old.method, "set_by": old.set_by, "set_at": old.set_at}]
     bundle.manifest.threshold = Threshold(
-        value=float(value), method=reason, set_by=set_by or operator_name(), set_at=utc_now(), history=history
+        value=float(value), method=reason, set_by=set_by or operator_name(), set_at=utc_now(), history=history,
+        frr=dict(frr or {}),
     )
     write_manifest(root, bundle.manifest)
     return bundle

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llb_edge.bundle import Bundle
+from llb_edge.calibration import DEFAULT_TARGET_FRR
 from llb_edge.errors import LLBEdgeError
+from llb_edge.runtime.drift import DEFAULT_NG_RATE_ALPHA, DEFAULT_NG_RATE_WINDOW
 
 if TYPE_CHECKING:
     from llb_edge.runtime.versions import VersionChange
@@ -79,6 +81,10 @@ def train(
     """Train a model: LLB screening (stage 1) and the final Dinomaly model (stage 2), then evaluate it.
 
     Writes a run directory (config.json, metadata.json, model.safetensors, metrics.json, overlays/).
+    The whole frame is inspected: images are resized straight to the model input (data.resize =
+    data.crop = 392). --set data.resize=448 gives the Dinomaly paper's 448 -> 392 centre crop, for
+    paper-comparable benchmarks only: the border ring it drops (23% of the frame) is never inspected.
+    train.calibration_fraction of the kept images is held back to calibrate the threshold.
     """
     setup_logging(verbose)
     from llb_edge.config import load_config
@@ -176,6 +182,18 @@ def serve(
     capture_queue: Annotated[int, typer.Option(help="Frames waiting for the writer before drops.")] = 32,
     capture_queue_mb: Annotated[float, typer.Option(help="Bytes waiting for the writer before drops.")] = 256.0,
     capture_fsync: Annotated[bool, typer.Option(help="fsync every captured frame.")] = False,
+    roi: Annotated[list[str] | None, typer.Option(
+        help="Inspect only this rectangle of a camera's frames, CAMERA=x,y,width,height in frame pixels "
+             "(repeatable). Outside it nothing is inspected.")] = None,
+    roi_mask: Annotated[list[str] | None, typer.Option(
+        help="Inspect only a mask's non-zero pixels, CAMERA=mask.png, the mask the size of that camera's frames "
+             "(repeatable; with --roi, cut to the rectangle).")] = None,
+    ng_rate_window: Annotated[int, typer.Option(
+        help="Frames per camera over which the NG rate is compared with the bundle's expected rate.")] = (
+        DEFAULT_NG_RATE_WINDOW),
+    ng_rate_alpha: Annotated[float, typer.Option(
+        help="False-alarm probability of the NG-rate warning per full window (binomial test).")] = (
+        DEFAULT_NG_RATE_ALPHA),
     log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING.")] = "INFO",
 ) -> None:
     """Serve a bundle on the line: frames in over ZeroMQ, OK/NG results and anomaly maps out.
@@ -186,9 +204,11 @@ def serve(
     from llb_edge.runtime.capture import CaptureOptions, parse_camera_rates
     from llb_edge.runtime.daemon import ServeOptions
     from llb_edge.runtime.daemon import serve as run_daemon
+    from llb_edge.runtime.roi import parse_regions
 
     port = off_or(health_port)
     try:
+        regions = parse_regions(roi or [], roi_mask or [])
         capture = CaptureOptions(
             pool_dir=capture_pool, rate=capture_rate, camera_rates=parse_camera_rates(capture_camera_rate or []),
             ng_rate=capture_ng_rate, band=capture_band, band_rate=capture_band_rate, quota_mb=capture_quota_mb,
@@ -203,6 +223,7 @@ def serve(
         post_workers=post_workers, max_cameras=max_cameras, max_payload_bytes=max_payload_bytes, max_pixels=max_pixels,
         map_payload=map_payload, heartbeat_s=heartbeat_s, intake_hwm=intake_hwm, results_hwm=results_hwm,
         curve_secret=curve_secret, curve_allowed=curve_allowed, ort_threads=ort_threads, capture=capture,
+        regions=regions, ng_rate_window=ng_rate_window, ng_rate_alpha=ng_rate_alpha,
     )
     try:
         options.validate()
@@ -377,10 +398,14 @@ def export(
     model_id: Annotated[str | None, typer.Option(help="Model id (default: the run name).")] = None,
     model_version: Annotated[str | None, typer.Option(help="Model version (default: a UTC timestamp).")] = None,
     validation: Annotated[str | None, typer.Option(
-        help="Labelled images for the F1-max threshold: 'test' or a JSONL sample list.")] = None,
-    threshold_method: Annotated[str, typer.Option(help="quantile (no labels) | f1max (needs --validation).")] = (
-        "quantile"
-    ),
+        help="Labelled images ('test' or a JSONL sample list): prints the measured false-reject and escape "
+             "rates at the threshold, and offers the F1-max threshold.")] = None,
+    threshold_method: Annotated[str, typer.Option(
+        help="calibrated: for --target-frr on the run's held-back calibration images (no labels) | quantile: the "
+             "old training-score rule | f1max (needs --validation).")] = "calibrated",
+    target_frr: Annotated[float, typer.Option(
+        help="False-reject rate you accept on normal parts (0.01 = 1%); the threshold is calibrated for it.")] = (
+        DEFAULT_TARGET_FRR),
     weights: Annotated[str | None, typer.Option(help="Backbone weights, if not where the run recorded them.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
 ) -> None:
@@ -398,7 +423,7 @@ def export(
         bundle = export_bundle(
             run_dir, out, formats=format, precisions=tuple(precision or PRECISIONS), model_id=model_id,
             model_version=model_version, validation=validation, threshold_method=threshold_method,
-            weights=weights, overwrite=overwrite,
+            target_frr=target_frr, weights=weights, overwrite=overwrite,
         )
     except USER_ERRORS as err:
         fail(str(err))
@@ -414,6 +439,19 @@ def show_bundle(bundle: Bundle) -> None:
     typer.echo(f"bundle {bundle.root}: model {m.model_id} version {m.model_version}, encoder {m.encoder}")
     typer.echo(f"threshold {m.threshold.value:.6g} ({m.threshold.method}; set by {m.threshold.set_by} "
                f"at {m.threshold.set_at})")
+    frr = m.threshold.frr
+    if frr:
+        target = f"target {frr['target']:.3g}, " if frr.get("target") is not None else ""
+        typer.echo(f"  false-reject rate on normal parts: {target}expected {frr['expected']:.3g}, "
+                   f"{frr['confidence']:.0%} upper bound {frr['upper']:.3g} ({frr['calibration_count']} calibration "
+                   f"images)" + ("" if frr.get("reachable", True) else "; the target needs more calibration images"))
+    measured = m.extra.get("validation")
+    if measured and measured.get("threshold") == m.threshold.value:
+        rates = [f"{name} {measured[key]:.3g} ({measured[count]} of {measured[total]})"
+                 for name, key, count, total in (("false-reject rate", "false_reject_rate", "false_rejects", "normal"),
+                                                 ("escape rate", "escape_rate", "escapes", "anomalous"))
+                 if measured[key] is not None]
+        typer.echo(f"  measured on {measured['source']}: " + ", ".join(rates))
     for name, spec in m.files.items():
         parity = spec.parity.get("passed")
         typer.echo(f"  {name}: {spec.path} [{spec.format} {spec.precision}] parity "
@@ -434,22 +472,43 @@ def bundle_show(bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder."
 @bundle_app.command("set-threshold")
 def bundle_set_threshold(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    value: Annotated[float, typer.Argument(help="New decision threshold: score >= value is NG.")],
+    value: Annotated[float | None, typer.Argument(help="New decision threshold: score >= value is NG.")] = None,
+    target_frr: Annotated[float | None, typer.Option(
+        help="Instead of a value: the false-reject rate to calibrate for, on the bundle's calibration scores.")] = None,
     by: Annotated[str | None, typer.Option(help="Who changes it (default: user@host).")] = None,
 ) -> None:
     """Change the OK/NG threshold without re-exporting; the old value stays in the history.
 
-    A running daemon picks it up on reload (llb-edge ctl reload, or SIGHUP).
+    Give a value, or --target-frr to recompute it from the calibration scores the bundle carries.
+    Either way the bundle records the false-reject rate its calibration images predict at the new
+    value. A running daemon picks it up on reload (llb-edge ctl reload, or SIGHUP).
     """
-    from llb_edge.bundle import set_threshold
+    from llb_edge.bundle import load_bundle, set_threshold
+    from llb_edge.calibration import bundle_calibration_scores, estimate_frr, threshold_for_target
 
+    if (value is None) == (target_frr is None):
+        fail("give either a threshold value or --target-frr")
     try:
-        bundle = set_threshold(bundle_dir, value, set_by=by)
+        calibration = bundle_calibration_scores(load_bundle(bundle_dir, verify=False).manifest.extra)
+        if target_frr is not None:
+            if calibration is None:
+                fail(f"{bundle_dir} carries no calibration scores (exported before they existed, or from a run "
+                     "without a calibration slice): give a threshold value, or re-train and re-export")
+            estimate = threshold_for_target(calibration, target_frr)
+            bundle = set_threshold(bundle_dir, estimate.threshold, set_by=by, reason=f"operator: target FRR "
+                                   f"{target_frr:g}", frr=estimate.to_dict())
+        else:
+            assert value is not None
+            frr = estimate_frr(calibration, value).to_dict() if calibration is not None else None
+            bundle = set_threshold(bundle_dir, value, set_by=by, frr=frr)
     except USER_ERRORS as err:
         fail(str(err))
     t = bundle.manifest.threshold
     typer.echo(f"threshold of {bundle_dir} is now {t.value:.6g} (was {t.history[-1]['value']:.6g}), "
                f"set by {t.set_by} at {t.set_at}")
+    if t.frr:
+        typer.echo(f"expected false-reject rate {t.frr['expected']:.3g} ({t.frr['confidence']:.0%} upper bound "
+                   f"{t.frr['upper']:.3g}, {t.frr['calibration_count']} calibration images)")
 
 
 @bundle_app.command("build-engine")

@@ -46,7 +46,11 @@ class DataConfig:
     # Synthetic contamination (method.md section 7): move int(alpha * |train|) defective test images
     # into train, unlabeled as far as training is concerned. 0 = the dataset as shipped.
     contamination: float = 0.0
-    resize: int = 448
+    # Pre-processing: resize the frame to resize x resize (aspect not kept), then centre-crop crop x crop.
+    # The default resizes straight to the model's input (crop == resize): the whole frame is inspected.
+    # The Dinomaly paper resizes to 448 and crops 392, dropping a border ring of 23% of the area that
+    # the model then never sees: set resize = 448 only for paper-comparable benchmarks (configs/mtd.toml).
+    resize: int = 392
     crop: int = 392
     # error: stop on a corrupt file before training starts; skip: warn and drop it.
     on_bad_file: str = "error"
@@ -87,6 +91,17 @@ class TrainConfig:
     cache_location: str = "auto"
     # Bound on host/device memory the feature cache may take before spilling to disk, in GiB.
     cache_budget_gb: float = 8.0
+    # Calibration slice (docs/bundle.md): this fraction of the training images, at least
+    # calibration_min of them and at most half, is held back from training and scored by the final
+    # model at the end; the exporter sets the threshold for a target false-reject rate on those
+    # scores. 0 disables it (the exporter then falls back to the training-score quantile rule).
+    calibration_fraction: float = 0.15
+    calibration_min: int = 20
+    # training: a random slice of the whole training set, held back before LLB stage 1 (representative
+    # of the line; unlabelled defects in it make the threshold conservative). kept: a slice of D_pure
+    # after screening (defect-free, but D_pure is the easiest part of the set: it can promise too few
+    # false rejects).
+    calibration_source: str = "training"
 
 
 # The paper's fixed keep fraction t: a benchmark setting, kept for paper-comparable runs (llb.keep=0.4).
@@ -257,6 +272,9 @@ def validate(config: RunConfig) -> None:
     _check(0.0 < data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)")
     _check(data.crop <= data.resize, "data.crop must not exceed data.resize")
     _check(0.0 <= data.contamination < 1.0, "data.contamination must be in [0, 1)")
+    _check(0.0 <= train.calibration_fraction < 1.0, "train.calibration_fraction must be in [0, 1)")
+    _check(train.calibration_min >= 0, "train.calibration_min must be >= 0")
+    _check(train.calibration_source in ("training", "kept"), "train.calibration_source must be training or kept")
     _check(train.iterations > 0 and train.batch_size > 0, "train.iterations and batch_size must be > 0")
     _check(train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16")
     _check(train.cache_location in ("auto", "device", "host", "disk"),

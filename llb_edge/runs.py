@@ -7,6 +7,7 @@ Layout (docs/runs.md)::
     <run>/train_list.jsonl     the images the final model was trained on (by path)
     <run>/model.safetensors    trainable weights (bottleneck + decoder) of the final model
     <run>/train_scores.json    final model's image scores on its own training images (threshold stats)
+    <run>/calibration_scores.json  its scores on the held-back calibration slice (the threshold)
     <run>/checkpoint.safetensors  resumable state while training runs
     <run>/metrics.json, overlays/  written by evaluation
     <run>/stage1/               LLB screening artifacts (see trainer/llb.py)
@@ -35,6 +36,7 @@ METADATA = "metadata.json"
 TRAIN_LIST = "train_list.jsonl"
 MODEL = "model.safetensors"
 TRAIN_SCORES = "train_scores.json"
+CALIBRATION_SCORES = "calibration_scores.json"
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
 OVERLAYS = "overlays"

@@ -45,9 +45,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from llb_edge.bundle import Bundle, load_bundle
+from llb_edge.bundle import Bundle, BundleError, load_bundle
+from llb_edge.calibration import CalibrationError, bundle_calibration_scores, estimate_frr
 from llb_edge.data.transforms import Geometry
 from llb_edge.protocol import (
+    DECISION_NG,
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAP_ENCODINGS,
     MAX_HEADER_BYTES,
@@ -62,6 +64,7 @@ from llb_edge.protocol import (
 from llb_edge.runtime.backends import BACKEND_CHOICES, Backend, create_backend, self_check
 from llb_edge.runtime.capture import CaptureOptions, FrameCapture
 from llb_edge.runtime.control import ControlRequest, parse_control_request
+from llb_edge.runtime.drift import DEFAULT_NG_RATE_ALPHA, DEFAULT_NG_RATE_WINDOW, NgRateMonitor
 from llb_edge.runtime.frames import DEFAULT_MAX_PIXELS, Frame, FrameQueues, decode_frame_image
 from llb_edge.runtime.health import (
     BATCH_BUCKETS,
@@ -72,7 +75,8 @@ from llb_edge.runtime.health import (
 from llb_edge.runtime.keys import ClientAllowList, configure_server
 from llb_edge.runtime.logs import RateLimitedLog, configure_json_logging, get_logger, log_event
 from llb_edge.runtime.operator_page import OperatorPage
-from llb_edge.runtime.postprocess import ModelIdentity, error_result, inspection_result, pixel_threshold_of
+from llb_edge.runtime.postprocess import ModelIdentity, error_result, inspection_result, top_fraction_of
+from llb_edge.runtime.roi import RegionOfInterest
 from llb_edge.runtime.versions import resolve_bundle_dir
 
 DEFAULT_INTAKE = "tcp://127.0.0.1:5555"
@@ -117,6 +121,10 @@ class ServeOptions:
     curve_allowed: Path | None = None  # folder of allowed client .key files (required with CURVE)
     ort_threads: int | None = None  # ONNX Runtime intra-op threads; None: all cores
     capture: CaptureOptions = field(default_factory=CaptureOptions)  # frame capture for retraining; off by default
+    # Per camera: only this part of its frames is inspected (runtime/roi.py); cameras not listed: the whole frame.
+    regions: dict[str, RegionOfInterest] = field(default_factory=dict)
+    ng_rate_window: int = DEFAULT_NG_RATE_WINDOW  # frames per camera in the NG-rate drift check (runtime/drift.py)
+    ng_rate_alpha: float = DEFAULT_NG_RATE_ALPHA  # false-alarm probability of that check per full window
 
     def validate(self) -> None:
         problems = []
@@ -140,6 +148,8 @@ class ServeOptions:
                 problems.append(f"{name} must be >= 1")
         if self.max_wait_ms < 0 or self.heartbeat_s <= 0:
             problems.append("max_wait_ms must be >= 0 and heartbeat_s > 0")
+        if self.ng_rate_window < 1 or not 0.0 < self.ng_rate_alpha < 1.0:
+            problems.append("ng_rate_window must be >= 1 and ng_rate_alpha in (0, 1)")
         if (self.curve_secret is None) != (self.curve_allowed is None):
             problems.append("CURVE needs both curve_secret (server key) and curve_allowed (client keys folder)")
         problems += self.capture.problems()
@@ -155,9 +165,17 @@ class ServingModel:
     backend: Backend
     geometry: Geometry
     threshold: float
-    pixel_threshold: float
     identity: ModelIdentity
+    top_fraction: float  # of map cells the score averages: rescoring inside a region-of-interest mask
+    calibration: tuple[float, ...] | None  # the bundle's calibration scores: the expected NG rate of any threshold
     threshold_override: bool = False
+
+    @property
+    def expected_ng_rate(self) -> float | None:
+        """The false-reject rate the bundle's calibration images predict at the threshold in use."""
+        if self.calibration is None:
+            return None
+        return estimate_frr(self.calibration, self.threshold).expected
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -167,7 +185,7 @@ class ServingModel:
             "backend": self.identity.backend,
             "threshold": self.threshold,
             "threshold_override": self.threshold_override,
-            "pixel_threshold": self.pixel_threshold,
+            "expected_ng_rate": self.expected_ng_rate,
             "input_size": self.geometry.crop,
             "map_size": self.bundle.manifest.map_size,
         }
@@ -182,6 +200,10 @@ def load_serving_model(bundle_dir: str | Path, options: ServeOptions) -> Serving
     bundle = load_bundle(resolve_bundle_dir(bundle_dir), verify=True)
     manifest = bundle.manifest
     geometry = Geometry(resize=manifest.preprocessing.resize, crop=manifest.preprocessing.crop)
+    try:
+        calibration = bundle_calibration_scores(manifest.extra)
+    except CalibrationError as err:
+        raise BundleError(f"bundle {bundle.root}: {err}") from err
     backend = create_backend(bundle, options.backend, max_batch=options.max_batch, intra_op_threads=options.ort_threads)
     try:
         self_check(backend, geometry.crop, manifest.map_size)
@@ -193,8 +215,9 @@ def load_serving_model(bundle_dir: str | Path, options: ServeOptions) -> Serving
         backend=backend,
         geometry=geometry,
         threshold=bundle.threshold,
-        pixel_threshold=pixel_threshold_of(bundle),
         identity=ModelIdentity(manifest.model_id, manifest.model_version, backend.name),
+        top_fraction=top_fraction_of(bundle),
+        calibration=tuple(calibration) if calibration is not None else None,
     )
 
 
@@ -270,6 +293,8 @@ class Daemon:
         self._heartbeat_seq = 0
         self._error_log = RateLimitedLog(logger)
         self.metrics.registry.add_collector(self._collect_gauges)
+        self.ng_rates = NgRateMonitor(self.metrics.registry, logger, self.options.ng_rate_window,
+                                      self.options.ng_rate_alpha)
         self.capture: FrameCapture | None = None
         if self.options.capture.enabled:
             self.capture = FrameCapture(self.options.capture, self.metrics.registry)
@@ -477,12 +502,16 @@ class Daemon:
             header, payload = decode_frame(parts, self.options.max_payload_bytes)
             geometry = self._model_or_raise().geometry
             image = decode_frame_image(header, payload, self.options.max_pixels)
-            model_input = geometry.to_model_input(image)
+            roi = self.options.regions.get(header.camera_id)
+            misfit = roi.misfit(*image.shape[:2]) if roi is not None else None
+            if misfit is not None:
+                raise ProtocolError(ErrorCode.BAD_SHAPE, misfit, camera_id=header.camera_id, frame_id=header.frame_id)
             frame = Frame(
                 header=header,
                 image=image,
-                model_input=model_input,
+                model_input=geometry.to_model_input(roi.cut(image) if roi is not None else image),
                 geometry=geometry,
+                roi=roi,
                 received=received,
                 decode_s=time.perf_counter() - received,
             )
@@ -600,12 +629,13 @@ class Daemon:
             score=inspected.score,
             score_max=inspected.score_max,
             threshold=model.threshold,
-            pixel_threshold=model.pixel_threshold,
             geometry=model.geometry,
             height=frame.height,
             width=frame.width,
             identity=model.identity,
             map_encoding=map_encoding,
+            roi=frame.roi,
+            top_fraction=model.top_fraction,
         )
         done = time.perf_counter()
         latency_s = {
@@ -626,9 +656,11 @@ class Daemon:
             self._count_error(result.error.code, result.error.message, header.camera_id, header.frame_id)
         else:
             self.metrics.frames.inc(camera=header.camera_id, decision=str(result.decision))
+            self.ng_rates.record(header.camera_id, result.decision == DECISION_NG)
             if self.page is not None:
+                # Regions follow the image threshold in use, so the overlay is scaled by it too.
                 self.page.record(
-                    result, frame.image, inspected.anomaly_map, model.geometry, model.pixel_threshold, frame.received
+                    result, frame.image, inspected.anomaly_map, model.geometry, model.threshold, frame.received
                 )
         if self.capture is not None and result.error is None:
             # offer() is O(1) and never blocks; the frame is not modified after inference.
@@ -720,6 +752,8 @@ class Daemon:
         self.metrics.model_info.clear()
         self.metrics.model_info.set(1, **dataclasses.asdict(model.identity))
         self.metrics.threshold.set(model.threshold)
+        if old is None or old.bundle is not model.bundle or old.threshold != model.threshold:
+            self.ng_rates.set_expected(model.expected_ng_rate)
         return old
 
     def _close_retired(self) -> None:

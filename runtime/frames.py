@@ -19,6 +19,7 @@ from llb_edge.data.images import ImageReadError, decode_image_bytes
 from llb_edge.data.transforms import Geometry
 from llb_edge.protocol import ErrorCode, FrameHeader, ProtocolError, raw_payload_to_array
 from llb_edge.runtime.image_header import ImageHeaderError, read_image_header
+from llb_edge.runtime.roi import RegionOfInterest
 
 DEFAULT_MAX_PIXELS = 64_000_000  # a frame bigger than this is refused (JPEG/PNG bombs)
 # A frame's pixel buffer (raw as sent, JPEG/PNG as the decoder outputs it) may take at most
@@ -84,11 +85,12 @@ class Frame:
 
     header: FrameHeader
     image: np.ndarray  # original uint8 RGB; kept so a reload to another input size can redo the crop
-    model_input: np.ndarray  # uint8 crop x crop x 3 for ``geometry``
+    model_input: np.ndarray  # uint8 crop x crop x 3 for ``geometry``, made from the inspected part
     geometry: Geometry
     received: float  # perf_counter when the message arrived
     decode_s: float  # parse + decode + resize/crop
     enqueued: float = 0.0
+    roi: RegionOfInterest | None = None  # the camera's region of interest (checked to fit); None: whole frame
 
     @property
     def height(self) -> int:
@@ -100,7 +102,8 @@ class Frame:
 
     def input_for(self, geometry: Geometry) -> np.ndarray:
         if geometry != self.geometry:
-            self.model_input = geometry.to_model_input(self.image)
+            inspected = self.roi.cut(self.image) if self.roi is not None else self.image
+            self.model_input = geometry.to_model_input(inspected)
             self.geometry = geometry
         return self.model_input
 

@@ -62,7 +62,7 @@ SERIES_BIN_S = 10  # one plotted point per 10 s
 REFRESH_MS = 400  # how often the page polls its state (the page reads it from the state)
 PAGE_THREAD_NICE = 19  # the page's HTTP threads run at the lowest CPU priority (Linux)
 
-PAGE_MODEL_FIELDS = ("model_id", "model_version", "backend", "threshold", "threshold_override", "pixel_threshold")
+PAGE_MODEL_FIELDS = ("model_id", "model_version", "backend", "threshold", "threshold_override", "expected_ng_rate")
 # view -> (longer side at most, map overlaid): the box is drawn on every view
 IMAGE_VIEWS = {
     "thumb": (THUMB_MAX_SIDE, True),
@@ -111,16 +111,14 @@ def _count(value: object) -> int | None:
 def expected_rates(bundle: Bundle | None) -> dict[str, Any]:
     """What the bundle says the reject rate should be, read defensively.
 
-    ``threshold.expected_frr`` (a number, or a mapping with a numeric ``value``) when the bundle was
-    calibrated with one, else None; the threshold's method and the training score statistics are
-    shown either way so the operator sees what the threshold rests on.
+    ``threshold.frr.expected`` (the false-reject rate the calibration slice predicts at the bundle's
+    threshold) when the bundle was calibrated for one, else None; the threshold's method and the
+    training score statistics are shown either way so the operator sees what the threshold rests on.
     """
     if bundle is None:
         return {"expected_frr": None, "threshold_method": None, "score_stats": {}}
     manifest = bundle.manifest
-    frr: object = getattr(manifest.threshold, "expected_frr", None)  # absent from bundles calibrated without it
-    if isinstance(frr, Mapping):
-        frr = frr.get("value")
+    frr = manifest.threshold.frr.get("expected")  # absent from bundles calibrated without labels-free FRR
     stats = {str(key): value for key, value in manifest.score_stats.items() if _finite_or_none(value) is not None}
     return {
         "expected_frr": _finite_or_none(frr),

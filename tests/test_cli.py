@@ -32,8 +32,11 @@ def test_train_writes_a_complete_run_and_eval_reproduces_it(tmp_path):
     assert metadata["backbone"] == {"source": "random", "path": None, "sha256": None}
     assert metadata["input"] == {"resize": 64, "crop": 56} and metadata["iterations"] == 12
     train_list = [json.loads(line) for line in (run / "train_list.jsonl").read_text().splitlines()]
-    assert len(train_list) == metadata["train_images"] == 24 + int(0.1 * 24)  # contamination moved 2 defects in
-    assert sum(item["label"] for item in train_list) == 2
+    calibration = json.loads((run / "calibration_scores.json").read_text())["scores"]
+    assert len(train_list) == metadata["train_images"] and len(calibration) == metadata["calibration_images"] == 13
+    assert len(train_list) + len(calibration) == 24 + int(0.1 * 24)  # contamination moved 2 defects in
+    defects = [item for item in train_list if item["label"] == 1] + [p for p in calibration if "MT_Free" not in p]
+    assert len(defects) == 2
     assert metadata["train_paths"] == [item["path"] for item in train_list]
     first = json.loads((run / "metrics.json").read_text())
     assert {"i_auroc", "p_auroc", "aupro", "i_f1max"} <= first.keys()
@@ -51,10 +54,20 @@ def test_train_writes_a_complete_run_and_eval_reproduces_it(tmp_path):
     exported = runner.invoke(app, ["export", str(run), "--out", str(bundle), "--precision", "fp32"])
     assert exported.exit_code == 0, exported.output
     assert "parity passed" in exported.output
+    assert "false-reject rate on normal parts: target 0.01" in exported.output
     changed = runner.invoke(app, ["bundle", "set-threshold", str(bundle), "0.5", "--by", "shift-lead"])
-    assert changed.exit_code == 0 and "is now 0.5" in changed.output
+    assert changed.exit_code == 0 and "is now 0.5" in changed.output and "expected false-reject rate" in changed.output
     shown = runner.invoke(app, ["bundle", "show", str(bundle)])
     assert shown.exit_code == 0 and "threshold 0.5 (operator; set by shift-lead" in shown.output
+    scores = sorted(calibration.values())
+    retargeted = runner.invoke(app, ["bundle", "set-threshold", str(bundle), "--target-frr", "0.2"])
+    assert retargeted.exit_code == 0, retargeted.output
+    threshold = json.loads((bundle / "bundle.json").read_text())["threshold"]
+    # n = 13: k = ceil(14 * 0.8) = 12, just above the 12th smallest calibration score.
+    assert scores[11] < threshold["value"] <= scores[12] and threshold["frr"]["target"] == 0.2
+    assert threshold["method"] == "operator: target FRR 0.2"
+    both = runner.invoke(app, ["bundle", "set-threshold", str(bundle), "0.5", "--target-frr", "0.1"])
+    assert both.exit_code == 2 and "either" in both.output
     again = runner.invoke(app, ["export", str(run), "--out", str(bundle)])
     assert again.exit_code == 2 and "--overwrite" in again.output
 

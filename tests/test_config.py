@@ -11,7 +11,10 @@ from llb_edge.config import ConfigError, RunConfig, config_from_dict, load_confi
 
 def test_defaults_follow_the_method_spec():
     cfg = RunConfig()
-    assert (cfg.data.resize, cfg.data.crop) == (448, 392)
+    # The whole frame, resized straight to the model input: the paper's 448 -> 392 crop is opt-in.
+    assert (cfg.data.resize, cfg.data.crop) == (392, 392)
+    assert (cfg.train.calibration_fraction, cfg.train.calibration_min, cfg.train.calibration_source) == (
+        0.15, 20, "training")
     assert (cfg.train.iterations, cfg.train.batch_size, cfg.train.lr, cfg.train.final_lr) == (5000, 16, 2e-3, 2e-4)
     assert (cfg.train.warmup_iterations, cfg.train.grad_clip, cfg.train.weight_decay) == (100, 0.1, 1e-4)
     assert (cfg.llb.stages, cfg.llb.k, cfg.llb.submodel_iterations) == ("1,2", 5, 1000)
@@ -41,6 +44,8 @@ def test_file_then_overrides_with_type_conversion(tmp_path):
         (["llb.above_cut=keep"], "llb.above_cut"),
         (["llb.outlier_z=0"], "llb.outlier_z"),
         (["data.crop=500"], "data.crop must not exceed"),
+        (["train.calibration_fraction=1"], "train.calibration_fraction"),
+        (["train.calibration_source=test"], "train.calibration_source"),
         (["train"], "not of the form"),
         (["train=5"], "expected a table"),
     ],

@@ -106,15 +106,45 @@ def test_parity_images_are_real_test_images(exported: tuple[Path, list[str]]) ->
 
 
 def test_thresholds(exported: tuple[Path, list[str]], tiny_run: Path) -> None:
-    from llb_edge.exporters.threshold import default_threshold
+    from llb_edge.exporters.threshold import calibrated_threshold, quantile_rule, read_calibration_scores
 
     m = load_bundle(exported[0]).manifest
-    expected = default_threshold(tiny_run)
+    expected = calibrated_threshold(read_calibration_scores(tiny_run)[0])  # for the default 1% target
     assert m.threshold.value == pytest.approx(expected.value)
     assert m.threshold.method == expected.description and m.threshold.set_by == "llb-edge export"
     candidates = m.extra["threshold_candidates"]
-    assert candidates["quantile"]["value"] == pytest.approx(expected.value)
+    assert candidates["calibrated"]["value"] == pytest.approx(expected.value)
+    assert candidates["quantile"]["value"] == pytest.approx(quantile_rule(tiny_run).value)
     assert candidates["f1max"]["method"] == "f1max" and candidates["f1max"]["count"] > 0
+    # The bundle carries its calibration scores and what they say about the false-reject rate.
+    calibration = json.loads((tiny_run / "calibration_scores.json").read_text())["scores"]
+    assert m.extra["calibration"]["scores"] == sorted(calibration.values())
+    assert m.extra["calibration"]["source"] == "training"
+    frr = m.threshold.frr
+    assert frr["target"] == 0.01 and frr["calibration_count"] == len(calibration) == 12
+    assert not frr["reachable"] and frr["expected"] == pytest.approx(1 / 13)  # 1% needs 99 calibration images
+    assert frr["upper"] == pytest.approx(1 - 0.05 ** (1 / 12))
+    # --validation test: measured rates at the chosen threshold, on the run's labelled test images.
+    measured = m.extra["validation"]
+    assert measured["threshold"] == m.threshold.value and measured["normal"] + measured["anomalous"] == 16
+    assert 0 <= measured["false_reject_rate"] <= 1 and 0 <= measured["escape_rate"] <= 1
+
+
+def test_target_frr_and_method_choice(exported: tuple[Path, list[str]], tiny_run: Path) -> None:
+    from llb_edge.calibration import threshold_for_target
+    from llb_edge.exporters.bundle_export import choose_threshold
+    from llb_edge.runs import read_run_config
+
+    cfg, onnx_fp32 = read_run_config(tiny_run), exported[0] / "model_fp32.onnx"
+    calibration = list(json.loads((tiny_run / "calibration_scores.json").read_text())["scores"].values())
+    decision = choose_threshold(tiny_run, cfg, onnx_fp32, None, "calibrated", 0.25)
+    assert decision.chosen.value == threshold_for_target(calibration, 0.25).threshold
+    assert decision.frr["reachable"] and decision.frr["target"] == 0.25 and decision.validation is None
+    decision = choose_threshold(tiny_run, cfg, onnx_fp32, None, "quantile", 0.25)
+    assert decision.frr["target"] is None and decision.frr["calibration_count"] == 12  # estimated all the same
+    assert decision.chosen.method == "quantile" and set(decision.candidates) == {"quantile", "calibrated"}
+    with pytest.raises(ExportError, match="target false-reject rate"):
+        export_bundle(tiny_run, onnx_fp32.parent / "never", precisions=("fp32",), target_frr=1.5)
 
 
 def test_tensorrt_skipped_with_a_warning_for_all(exported: tuple[Path, list[str]]) -> None:

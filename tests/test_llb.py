@@ -327,18 +327,36 @@ def test_default_stage1_end_to_end_through_train(tmp_path):
     metadata = json.loads((run_dir / "metadata.json").read_text())
     screening = metadata["screening"]
     assert (screening["submodel"], screening["keep"], screening["above_cut"]) == ("knn", "auto", "mask")
-    assert screening["removed"] > 0 and screening["kept"] + screening["removed"] == 24
-    assert screening["estimated_contamination"] == pytest.approx(screening["removed"] / 24)
+    # The calibration slice (half of the 24 here: calibration_min 20, at most half) is held back
+    # before stage 1: neither the screening nor the final model sees it.
+    assert metadata["calibration_source"] == "training" and metadata["calibration_images"] == 12
+    assert screening["images"] == 12 and screening["removed"] > 0
+    assert screening["kept"] + screening["removed"] == 12
+    assert screening["estimated_contamination"] == pytest.approx(screening["removed"] / 12)
+    calibration = set(json.loads((run_dir / "calibration_scores.json").read_text())["scores"])
+    screened = {row.split(",")[1] for row in (run_dir / "stage1" / "scores.csv").read_text().splitlines()[1:]}
+    assert len(calibration) == 12 and not calibration & screened and len(screened) == 12
     # Ranked for review: highest score first, every suspect above the cut.
     suspects = screening["suspects"]
     assert [s["score"] for s in suspects] == sorted((s["score"] for s in suspects), reverse=True)
     assert all(s["score"] > screening["threshold"] for s in suspects) and len(suspects) == screening["removed"]
     # Masking keeps every image; the suspects' masks are stored, and some patches really are out.
     purified = load_sample_list(run_dir / "stage1" / "purified.jsonl")
-    assert purified == load_sample_list(run_dir / "train_list.jsonl") and len(purified) == 24
+    assert purified == load_sample_list(run_dir / "train_list.jsonl") and len(purified) == 12
     masks = load_file(str(run_dir / "stage1" / "patch_masks.safetensors"))
     assert len(masks["positions"]) == screening["removed"] and (masks["keep"] == 0).any()
     assert 0 < screening["masked_patch_fraction"] < 1
+
+    # "kept": the slice is drawn after screening, from the images below the cut only (the paper's
+    # cut here: floor(24 * 0.4) = 9 images, of which at most half is held back).
+    kept_run = run_training(load_config(None, tiny_overrides(
+        tmp_path / "kept", llb__stages="1,2", llb__keep=0.4, llb__above_cut="drop", train__iterations=4,
+        train__calibration_source="kept")), evaluate_after=False)
+    purified = {s.path for s in load_sample_list(kept_run / "stage1" / "purified.jsonl")}
+    trained = {s.path for s in load_sample_list(kept_run / "train_list.jsonl")}
+    calibration = set(json.loads((kept_run / "calibration_scores.json").read_text())["scores"])
+    assert len(purified) == 9 and len(calibration) == 4 and calibration | trained == purified
+    assert not calibration & trained
     page = (run_dir / "stage1" / "report.html").read_text()
     assert "Suspects, ranked for review" in page and Path(suspects[0]["path"]).name in page
     refs = re.findall(r'src="([^"]+\.png)"', page)

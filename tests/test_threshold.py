@@ -11,11 +11,14 @@ import pytest
 
 from llb_edge.exporters.threshold import (
     DEFAULT_MARGIN,
+    METHOD_CALIBRATED,
     METHOD_F1MAX,
     METHOD_QUANTILE,
-    default_threshold,
+    calibrated_threshold,
     f1max_threshold,
+    quantile_rule,
     quantile_threshold,
+    read_calibration_scores,
     read_train_scores,
     stats_threshold,
 )
@@ -115,13 +118,26 @@ def test_default_threshold_of_a_run(tmp_path: Path) -> None:
     raw, stats = read_train_scores(tmp_path)
     assert raw is not None and len(raw) == 200
     # Raw scores win over recorded stats (the stats here are deliberately wrong).
-    assert default_threshold(tmp_path).value == pytest.approx(quantile_threshold(np.arange(200.0)).value)
+    assert quantile_rule(tmp_path).value == pytest.approx(quantile_threshold(np.arange(200.0)).value)
     (tmp_path / "train_scores.json").write_text(json.dumps({"stats": {"q50": 1.0, "q99.5": 2.0, "count": 9}}))
-    assert default_threshold(tmp_path).value == pytest.approx(2.0 + DEFAULT_MARGIN * 1.0)
+    assert quantile_rule(tmp_path).value == pytest.approx(2.0 + DEFAULT_MARGIN * 1.0)
+    assert read_calibration_scores(tmp_path) == (None, None)  # a run from before the calibration slice
+    calibration = {f"/cal/{i}.png": float(i) for i in range(1, 100)}
+    (tmp_path / "calibration_scores.json").write_text(json.dumps({"source": "training", "scores": calibration}))
+    scores, source = read_calibration_scores(tmp_path)
+    assert source == "training" and scores is not None
+    choice = calibrated_threshold(scores, target_frr=0.05)
+    assert choice.method == METHOD_CALIBRATED and choice.value == math.nextafter(95.0, math.inf)
+    assert choice.details["expected"] == pytest.approx(0.05) and choice.details["reachable"]
 
 
 def test_default_threshold_of_the_tiny_run(tiny_run: Path) -> None:
     values = json.loads((tiny_run / "train_scores.json").read_text())
-    choice = default_threshold(tiny_run)
+    choice = quantile_rule(tiny_run)
     assert choice.value == pytest.approx(quantile_threshold(np.array(list(values["scores"].values()))).value)
     assert choice.value > values["stats"]["q99.5"]
+    # The run held back a calibration slice of its kept images, never trained on.
+    calibration = json.loads((tiny_run / "calibration_scores.json").read_text())["scores"]
+    assert len(calibration) == 12 and not set(calibration) & set(values["scores"])
+    recorded, source = read_calibration_scores(tiny_run)
+    assert recorded is not None and sorted(recorded) == sorted(calibration.values()) and source == "training"

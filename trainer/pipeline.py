@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from llb_edge import runs
-from llb_edge.config import RunConfig, write_config
+from llb_edge.config import RunConfig, TrainConfig, write_config
 from llb_edge.data.images import validate_split
 from llb_edge.data.readers import load_contaminated, load_dataset
 from llb_edge.data.samples import DatasetSplit, save_sample_list
@@ -23,6 +23,8 @@ from llb_edge.trainer.features import EncodedImages, load_model_inputs
 from llb_edge.trainer.train import train_dinomaly
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_SEED_STREAM = 0xCA1  # keeps the calibration draw independent of every other use of train.seed
 
 
 def make_scorer(cfg: RunConfig) -> AnomalyScorer:
@@ -46,6 +48,26 @@ def score_stats(scores: np.ndarray) -> dict[str, float]:
     """Distribution of the final model's scores on its own training images (threshold calibration)."""
     quantiles = {f"q{q:g}": float(np.quantile(scores, q / 100)) for q in (50, 90, 95, 99, 99.5, 100)}
     return {"count": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std()), **quantiles}
+
+
+def calibration_count(kept: int, fraction: float, minimum: int) -> int:
+    """How many kept images are held back for calibration: fraction of them, at least minimum, at most half."""
+    if fraction <= 0 or kept < 2:
+        return 0
+    return min(max(round(fraction * kept), minimum), kept // 2)
+
+
+def calibration_split(positions: np.ndarray, train: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(positions kept for training, positions held back to calibrate the threshold), both ascending.
+
+    The held-back slice is drawn with its own seed stream (``train.seed``), so a resumed run holds
+    back the same images.
+    """
+    count = calibration_count(len(positions), train.calibration_fraction, train.calibration_min)
+    rng = np.random.default_rng(np.random.SeedSequence([train.seed, CALIBRATION_SEED_STREAM]))
+    held = np.zeros(len(positions), dtype=bool)
+    held[rng.choice(len(positions), count, replace=False)] = True
+    return np.sort(positions[~held]), np.sort(positions[held])
 
 
 def load_split(cfg: RunConfig) -> DatasetSplit:
@@ -77,22 +99,40 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
     log.info("dataset %s", split.summary())
 
     images = load_model_inputs(split.train, geometry, desc="loading training images")
+    # The calibration slice (docs/bundle.md): "training" holds it back from the whole training set
+    # before stage 1 sees it; "kept" from D_pure after screening.
+    everything = np.arange(len(split.train))
+    pool, held = (calibration_split(everything, cfg.train) if cfg.train.calibration_source == "training"
+                  else (everything, everything[:0]))
+    samples = [split.train[i] for i in pool]
     t0 = time.perf_counter()
-    features = EncodedImages.from_config(model, images, device, cfg.train, spill_dir=run_dir)
+    features = EncodedImages.from_config(model, images if len(held) == 0 else images[pool], device, cfg.train,
+                                         spill_dir=run_dir)
     encode_seconds = time.perf_counter() - t0
 
     stages = {s.strip() for s in cfg.llb.stages.split(",")}
-    kept = np.arange(len(split.train))
+    kept = np.arange(len(samples))
     screening: dict = {}
     loss_weights = None
     if "1" in stages:
         from llb_edge.trainer.llb import run_stage1
 
-        stage1 = run_stage1(cfg, model.encoder, features, split.train, run_dir, resume, make_scorer(cfg))
+        stage1 = run_stage1(cfg, model.encoder, features, samples, run_dir, resume, make_scorer(cfg))
         if not is_primary_rank():
             return run_dir
         kept, screening, loss_weights = stage1.kept_positions, stage1.summary, stage1.loss_weights
-    train_samples = [split.train[i] for i in kept]
+        below_cut = set(stage1.kept)
+    else:
+        below_cut = {sample.path for sample in samples}
+    if cfg.train.calibration_source == "kept":
+        # Drawn from the images below the cut: a suspect (masked or dropped) never calibrates.
+        eligible = np.asarray([i for i in kept if samples[i].path in below_cut], dtype=np.int64)
+        _, held_kept = calibration_split(eligible, cfg.train)
+        kept = np.setdiff1d(kept, held_kept)
+        calibration_samples = [samples[i] for i in held_kept]
+    else:
+        calibration_samples = [split.train[i] for i in held]
+    train_samples = [samples[i] for i in kept]
     save_sample_list(train_samples, run_dir / runs.TRAIN_LIST)
 
     final = model if "1" not in stages else Dinomaly(model.encoder, model.decoder[0].attn.num_heads,
@@ -104,10 +144,23 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
     )
     save_file({k: v.detach().cpu().contiguous() for k, v in final.trainable_state_dict().items()},
               str(run_dir / runs.MODEL))
-    train_scores, _ = score_encoded(final, make_scorer(cfg).to(device), features, kept)
+    scorer = make_scorer(cfg).to(device)
+    train_scores, _ = score_encoded(final, scorer, features, kept)
     runs.write_json(run_dir / runs.TRAIN_SCORES, {"stats": score_stats(train_scores),
                                                   "scores": {s.path: float(v) for s, v in
                                                              zip(train_samples, train_scores, strict=True)}})
+    if calibration_samples:
+        if cfg.train.calibration_source == "kept":
+            calibration_features, positions = features, held_kept
+        else:
+            calibration_features = EncodedImages.from_config(model, images[held], device, cfg.train, spill_dir=run_dir)
+            positions = np.arange(len(held))
+        calibration_scores, _ = score_encoded(final, scorer, calibration_features, positions)
+        runs.write_json(run_dir / runs.CALIBRATION_SCORES, {
+            "source": cfg.train.calibration_source,
+            "stats": score_stats(calibration_scores),
+            "scores": {s.path: float(v) for s, v in zip(calibration_samples, calibration_scores, strict=True)},
+        })
     metadata = {
         "encoder": cfg.model.encoder,
         "backbone": backbone,
@@ -117,6 +170,8 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
         "device": str(device),
         "precision": cfg.train.precision,
         "train_images": len(train_samples),
+        "calibration_images": len(calibration_samples),
+        "calibration_source": cfg.train.calibration_source,
         "train_list": runs.TRAIN_LIST,  # with labels when known
         "train_paths": [sample.path for sample in train_samples],
         "dataset": {"name": split.name, "train": len(split.train), "test": len(split.test)},

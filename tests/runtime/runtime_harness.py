@@ -99,8 +99,12 @@ def make_bundle(
     model_version: str = "1",
     threshold: float = THRESHOLD,
     extra: dict | None = None,
+    resize: int = RESIZE,
 ) -> Path:
-    """A bundle folder holding ``onnx_path`` as model.onnx, with a manifest that verifies."""
+    """A bundle folder holding ``onnx_path`` as model.onnx, with a manifest that verifies.
+
+    ``resize``: RESIZE centre-crops CROP out of it (the paper's pre-processing); CROP inspects the whole frame.
+    """
     root.mkdir(parents=True, exist_ok=True)
     target = root / "model.onnx"
     shutil.copyfile(onnx_path, target)
@@ -111,7 +115,7 @@ def make_bundle(
         source_run="tests",
         encoder="none",
         weights_sha256="0" * 64,
-        preprocessing=Preprocessing(resize=RESIZE, crop=CROP),
+        preprocessing=Preprocessing(resize=resize, crop=CROP),
         map_size=MAP_SIZE,
         outputs={"anomaly_map": ["B", 1, MAP_SIZE, MAP_SIZE], "score": ["B"], "score_max": ["B"]},
         score_stats={},
