@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from llb_edge.bundle import INPUT_NAME, MAP_OUTPUT, MAX_OUTPUT, SCORE_OUTPUT, Bundle
+from llb_edge.bundle import INPUT_NAME, MAP_OUTPUT, MAX_OUTPUT, SCORE_OUTPUT, Bundle, confined_path
 from llb_edge.errors import LLBEdgeError
 from llb_edge.runtime.logs import get_logger, log_event
 
@@ -274,7 +274,7 @@ def _model_files(bundle: Bundle, file_format: str, prefer_precision: str) -> lis
     """The bundle's files of one format, the preferred precision first."""
     specs = [spec for spec in bundle.manifest.files.values() if spec.format == file_format]
     specs.sort(key=lambda spec: spec.precision != prefer_precision)
-    return [bundle.root / spec.path for spec in specs]
+    return [confined_path(bundle.root, spec.path) for spec in specs]
 
 
 def _tensorrt_importable() -> bool:
