@@ -340,6 +340,9 @@ class ResultHeader:
     published_ts: float | None = None
     error: ErrorInfo | None = None
     map: MapInfo | None = None
+    # Per camera, +1 for every result the daemon publishes (error results too), from 1: a gap
+    # means results were lost on the way (e.g. a slow subscriber); None from older daemons.
+    seq: int | None = None
     version: int = PROTOCOL_VERSION
 
     @property
@@ -351,6 +354,7 @@ class ResultHeader:
             "version": self.version,
             "camera_id": self.camera_id,
             "frame_id": self.frame_id,
+            "seq": self.seq,
             "decision": self.decision,
             "score": self.score,
             "score_max": self.score_max,
@@ -387,6 +391,7 @@ class ResultHeader:
                 version=values["version"],
                 camera_id=values["camera_id"],
                 frame_id=values["frame_id"],
+                seq=values.get("seq"),
                 decision=values["decision"],
                 score=values.get("score"),
                 score_max=values.get("score_max"),

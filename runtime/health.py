@@ -5,6 +5,10 @@
   stopping (a load balancer or the PLC gateway holds off).
 - ``GET /metrics``: Prometheus text exposition format 0.0.4.
 
+Connections are bounded: a client that has not finished its request within ``idle_timeout_s``
+(2 s) is disconnected, and beyond ``max_connections`` (16) open connections new ones are closed
+at once, so half-open connections cannot pile up threads.
+
 The registry is deliberately tiny (counters, gauges, histograms with labels): prometheus_client
 would be one more package to vet and install on every line PC for what is a few dozen lines.
 """
@@ -12,6 +16,7 @@ would be one more package to vet and install on every line PC for what is a few 
 from __future__ import annotations
 
 import math
+import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +28,11 @@ _M = TypeVar("_M", bound="_Metric")
 # Seconds; spans sub-millisecond CPU stages up to a slow first batch.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# A probe's request is a few hundred bytes on a local link: 2 s is ample, and a stalled client
+# frees its thread quickly. 16 connections are far more than the probes and scrapers of one daemon.
+HEALTH_IDLE_TIMEOUT_S = 2.0
+HEALTH_MAX_CONNECTIONS = 16
 
 
 def _escape(value: str) -> str:
@@ -190,6 +200,34 @@ def parse_prometheus_text(text: str) -> dict[str, float]:
     return samples
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them; extra connections are closed."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0  # connections closed because every slot was taken
+
+    def process_request(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class HealthServer:
     """/live, /ready and /metrics over HTTP on a background thread."""
 
@@ -200,6 +238,9 @@ class HealthServer:
         is_ready: Callable[[], bool],
         host: str = "127.0.0.1",
         port: int = 8765,
+        *,
+        idle_timeout_s: float = HEALTH_IDLE_TIMEOUT_S,
+        max_connections: int = HEALTH_MAX_CONNECTIONS,
     ) -> None:
         routes: dict[str, Callable[[], tuple[int, str, str]]] = {
             "/live": lambda: _probe(is_live(), "live"),
@@ -208,6 +249,8 @@ class HealthServer:
         }
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = idle_timeout_s  # socket timeout: a stalled request ends the connection
+
             def do_GET(self) -> None:  # noqa: N802 - name fixed by http.server
                 route = routes.get(self.path.split("?", 1)[0])
                 status, content_type, body = route() if route else (404, "text/plain", "not found\n")
@@ -222,8 +265,7 @@ class HealthServer:
                 # Probes hit these endpoints every few seconds: keep them out of the logs.
                 return
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = _BoundedHTTPServer((host, port), Handler, max_connections)
         self._thread = threading.Thread(target=self._server.serve_forever, name="llb-health", daemon=True)
 
     @property
