@@ -11,6 +11,7 @@ message instead of producing wrong scores on the line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import getpass
@@ -170,11 +171,53 @@ def confined_path(root: str | Path, relative: str) -> Path:
     return target
 
 
-def _read_bundle_file(root: Path, relative: str, what: str) -> bytes:
+def _bundle_file(root: Path, relative: str, what: str) -> Path:
     path = confined_path(root, relative)
     if not path.is_file():
         raise BundleError(f"{what} ({relative}) is missing")
-    return path.read_bytes()
+    return path
+
+
+def _copy_hashed(source: Path, target: Path | None) -> str:
+    """sha256 of ``source``; copied to ``target`` in the same pass when given (those bytes are the
+    ones hashed, whatever happens to ``source`` afterwards)."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as reader, open(target, "xb") if target else contextlib.nullcontext() as writer:
+        while chunk := reader.read(1 << 20):
+            digest.update(chunk)
+            if writer is not None:
+                writer.write(chunk)
+    return digest.hexdigest()
+
+
+def _staged(stage: Path | None, root: Path, relative: str) -> Path | None:
+    if stage is None:
+        return None
+    target = stage / confined_path(root, relative).relative_to(root.resolve())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _model_file_hashes(
+    root: Path, relative: str, file_format: str, stage: Path | None
+) -> tuple[str, dict[str, str]]:
+    """(sha256 of a model file, {external-data path: sha256}); with ``stage``, each file is also
+    copied there, mirroring the bundle layout, as it is hashed."""
+    source = _bundle_file(root, relative, f"model file {relative!r}")
+    target = _staged(stage, root, relative)
+    sha = _copy_hashed(source, target)
+    external: dict[str, str] = {}
+    if file_format == "onnx":
+        try:
+            locations = external_data_locations((target or source).read_bytes())
+        except OnnxFormatError as err:
+            raise BundleError(f"model file {relative!r} is not an ONNX protobuf: {err}") from err
+        for location in locations:
+            # ONNX Runtime resolves a location relative to the model file's folder.
+            entry = (Path(relative).parent / location).as_posix()
+            data_file = _bundle_file(root, entry, f"external data of {relative!r}")
+            external[entry] = _copy_hashed(data_file, _staged(stage, root, entry))
+    return sha, external
 
 
 def hash_model_file(root: str | Path, relative: str, file_format: str) -> tuple[str, dict[str, str]]:
@@ -183,21 +226,18 @@ def hash_model_file(root: str | Path, relative: str, file_format: str) -> tuple[
     The exporter records both in bundle.json; loading recomputes and compares them. Every path is
     confined to the bundle folder.
     """
-    root = Path(root)
-    data = _read_bundle_file(root, relative, f"model file {relative!r}")
-    external: dict[str, str] = {}
-    if file_format == "onnx":
-        try:
-            locations = external_data_locations(data)
-        except OnnxFormatError as err:
-            raise BundleError(f"model file {relative!r} is not an ONNX protobuf: {err}") from err
-        folder = Path(relative).parent
-        for location in locations:
-            # ONNX Runtime resolves a location relative to the model file's folder.
-            entry = (folder / location).as_posix()
-            external_bytes = _read_bundle_file(root, entry, f"external data of {relative!r}")
-            external[entry] = hashlib.sha256(external_bytes).hexdigest()
-    return hashlib.sha256(data).hexdigest(), external
+    return _model_file_hashes(Path(root), relative, file_format, None)
+
+
+def stage_model_file(bundle: Bundle, name: str, stage: Path) -> Path:
+    """Copy model file ``name`` and its external data into the private folder ``stage``, checking
+    each copy against bundle.json; returns the staged model file.
+
+    A session created from the staged copy reads exactly the bytes that were checked: ONNX Runtime
+    memory-maps external data, so a session on the bundle's own files would see later edits.
+    """
+    _verify_model_file(bundle.root, name, bundle.manifest.files[name], stage)
+    return stage / confined_path(bundle.root, bundle.manifest.files[name].path).relative_to(bundle.root.resolve())
 
 
 def manifest_problems(manifest: BundleManifest) -> list[str]:
@@ -277,8 +317,8 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     return Bundle(root=root, manifest=manifest)
 
 
-def _verify_model_file(root: Path, name: str, spec: ModelFile) -> None:
-    actual, external = hash_model_file(root, spec.path, spec.format)
+def _verify_model_file(root: Path, name: str, spec: ModelFile, stage: Path | None = None) -> None:
+    actual, external = _model_file_hashes(root, spec.path, spec.format, stage)
     if actual != spec.sha256:
         raise BundleError(
             f"bundle file {name!r} ({spec.path}) fails its checksum (bundle.json expects {spec.sha256}). "
@@ -292,7 +332,7 @@ def _verify_model_file(root: Path, name: str, spec: ModelFile) -> None:
     for entry, expected in spec.external_data.items():
         sha = external.get(entry)
         if sha is None:  # listed but not referenced: still part of the bundle, still checked
-            sha = hashlib.sha256(_read_bundle_file(root, entry, f"external data of {name!r}")).hexdigest()
+            sha = _copy_hashed(_bundle_file(root, entry, f"external data of {name!r}"), None)
         if sha != expected:
             raise BundleError(
                 f"external data {entry!r} of bundle file {name!r} fails its checksum (bundle.json expects "

@@ -22,8 +22,8 @@ reference assignment that the inference thread picks up at its next batch, so no
 answered twice. The retired backend is closed by the
 inference thread between batches (never while it may still be running on it). A reload also
 re-reads the allowed CURVE keys: a removed key is refused from its next message on (each message's
-authenticated key is checked), and when a subscriber key was removed the results socket is
-rebuilt, which drops every subscriber connection so each must authenticate again.
+authenticated key is checked), and when a subscriber key was removed the results endpoint is
+rebound, which drops every subscriber connection so each must authenticate again.
 
 Every published result carries ``seq``, counted per camera, so a consumer can count results lost
 on the way (PUB drops silently for a slow subscriber); results the daemon itself could not publish
@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -110,6 +111,7 @@ DRAIN_LIMIT = 10_000  # messages read from the intake socket after a stop reques
 FLUSH_LINGER_MS = 1000  # time given to ZeroMQ to put the last results on the wire at shutdown
 ERROR_LOG_WINDOW_S = 10.0  # repeated errors of one kind: ERROR_LOG_BURST lines in full per window,
 ERROR_LOG_BURST = 5  # then one line with the count of the others
+REBIND_WAIT_S = 2.0  # how long the publisher waits for the results port to be free again
 SEQUENCE_CAMERAS = 4096  # cameras whose result seq is remembered (least recently published forgotten)
 
 logger = get_logger("daemon")
@@ -324,7 +326,7 @@ class Daemon:
         # Taken while a result gets its seq and enters the outbox, so seq order is publication order.
         self._outbox_lock = threading.Lock()
         self._sequences = ResultSequences()
-        self._rebuild_results = threading.Event()  # a subscriber key was revoked: drop every connection
+        self._rebind_results_due = threading.Event()  # a subscriber key was revoked
         # Reloads load bundles from inside these folders only (resolved once, at start).
         self._reload_roots = [self.bundle_dir.resolve(), *(Path(p).resolve() for p in self.options.reload_allow)]
         self._post_pool = ThreadPoolExecutor(self.options.post_workers, thread_name_prefix="llb-post")
@@ -522,8 +524,7 @@ class Daemon:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         self._secure(sock)
-        # A rebuild binds the address the first bind resolved (a "*" port stays the same port).
-        self._bind(sock, self.endpoints.get("results", self.options.results), "results")
+        self._bind(sock, self.options.results, "results")
         return sock
 
     def _control_socket(self) -> zmq.Socket:
@@ -763,7 +764,6 @@ class Daemon:
     def _publish_loop(self, sock: zmq.Socket) -> None:
         interval = self.options.heartbeat_s
         next_heartbeat = time.monotonic()
-        current: zmq.Socket | None = sock
         while True:
             try:
                 item = self._outbox.get(timeout=max(0.0, next_heartbeat - time.monotonic()))
@@ -774,40 +774,49 @@ class Daemon:
             # A result still being post-processed holds back the ones behind it, so results leave
             # in the order frames were inspected even with several post workers.
             parts = item.result() if isinstance(item, Future) else item
-            if parts and not self._send(current, parts):
+            if parts and not self._send(sock, parts):
                 self.metrics.results_lost.inc(reason="send_failed")
             now = time.monotonic()
             if now >= next_heartbeat:
-                current = self._periodic(current)
-                self._send(current, encode_heartbeat(self._heartbeat()))
+                self._periodic(sock)
+                self._send(sock, encode_heartbeat(self._heartbeat()))
                 next_heartbeat = max(next_heartbeat + interval, now)
-        self._send(current, encode_heartbeat(self._heartbeat()))
+        self._send(sock, encode_heartbeat(self._heartbeat()))
         # LINGER=0 is right while serving (never block on a slow subscriber) but would discard
         # the last results at shutdown; give them a bounded moment to reach the wire.
-        if current is not None:
-            current.close(linger=FLUSH_LINGER_MS)
+        sock.close(linger=FLUSH_LINGER_MS)
 
-    def _periodic(self, sock: zmq.Socket | None) -> zmq.Socket | None:
-        """Once per heartbeat on the publisher thread: log counts, free idle cameras, rebuild the socket."""
+    def _periodic(self, sock: zmq.Socket) -> None:
+        """Once per heartbeat on the publisher thread: log counts, free idle cameras, rebind results."""
         self._error_log.flush()
         for camera in self._queues.expire_idle():
             self.metrics.cameras_expired.inc()
             log_event(logger, logging.INFO, "camera_expired", camera_id=camera, idle_s=self.options.camera_idle_s)
-        if self._rebuild_results.is_set() or sock is None:
-            self._rebuild_results.clear()
-            if sock is not None:
-                sock.close(linger=0)  # drops every subscriber: each must pass the CURVE handshake again
-            try:
-                sock = self._results_socket()
-                log_event(logger, logging.INFO, "results_socket_rebuilt", endpoint=self.endpoints["results"])
-            except OSError as err:  # retried at the next heartbeat; results meanwhile count as lost
-                self._log_failure("results_socket_rebuild_failed", err)
-                sock = None
-        return sock
+        if self._rebind_results_due.is_set():
+            self._rebind_results(sock)
 
-    def _send(self, sock: zmq.Socket | None, parts: list[Any]) -> bool:
-        if sock is None:
-            return False
+    def _rebind_results(self, sock: zmq.Socket) -> None:
+        """Unbind and bind the results endpoint again: unbinding closes every connection accepted
+        on it, so each subscriber reconnects and must pass the CURVE handshake with today's keys."""
+        endpoint = self.endpoints["results"]  # the resolved address: a "*" port stays the same port
+        with contextlib.suppress(zmq.ZMQError):  # already unbound when a previous rebind failed
+            sock.unbind(endpoint)
+        deadline = time.monotonic() + REBIND_WAIT_S
+        while True:
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as err:
+                # The listener closes asynchronously; the port is free again within milliseconds.
+                if err.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                self._log_failure("results_rebind_failed", err, endpoint=endpoint)  # retried next heartbeat
+                return
+            self._rebind_results_due.clear()
+            log_event(logger, logging.INFO, "results_rebound", endpoint=endpoint, reason="client key revoked")
+            return
+
+    def _send(self, sock: zmq.Socket, parts: list[Any]) -> bool:
         try:
             sock.send_multipart(parts, flags=zmq.NOBLOCK)
         except zmq.ZMQError as err:
@@ -893,9 +902,9 @@ class Daemon:
             return None
         refresh = self._allow_list.refresh()
         if refresh.revoked.get(ZAP_DOMAIN):
-            # Intake messages are checked one by one, but PUB cannot refuse one subscriber:
-            # the publisher rebuilds the socket, so every subscriber must authenticate again.
-            self._rebuild_results.set()
+            # Intake messages are checked one by one, but PUB cannot refuse one subscriber: the
+            # publisher rebinds the endpoint, so every subscriber must authenticate again.
+            self._rebind_results_due.set()
         if any(refresh.revoked.values()):
             log_event(logger, logging.WARNING, "client_keys_revoked", **refresh.revoked)
         return refresh.allowed

@@ -108,6 +108,7 @@ class FrameQueues:
         self.max_cameras = max_cameras
         self.idle_s = idle_s
         self._last_put: dict[str, float] = {}  # camera -> monotonic time of its last frame
+        self._expired: list[str] = []  # expired by put(), not yet reported by expire_idle()
         self._queues: dict[str, deque[Frame]] = {}
         self._order: list[str] = []  # round-robin order so one busy camera cannot starve the others
         self._next = 0
@@ -142,11 +143,14 @@ class FrameQueues:
         return evicted
 
     def expire_idle(self) -> list[str]:
-        """Forget cameras idle for ``idle_s`` with nothing queued; returns their ids."""
+        """Forget cameras idle for ``idle_s`` with nothing queued; returns every camera forgotten
+        since the last call (put() also forgets them when a new camera needs a slot)."""
         with self._cond:
-            return self._expire_idle_locked()
+            self._expire_idle_locked()
+            expired, self._expired = self._expired, []
+        return expired
 
-    def _expire_idle_locked(self) -> list[str]:
+    def _expire_idle_locked(self) -> None:
         cutoff = time.monotonic() - self.idle_s
         idle = [camera for camera, queue in self._queues.items() if not queue and self._last_put[camera] <= cutoff]
         if idle:
@@ -154,7 +158,7 @@ class FrameQueues:
                 del self._queues[camera], self._last_put[camera]
             self._order = [camera for camera in self._order if camera in self._queues]
             self._next = self._next % len(self._order) if self._order else 0
-        return idle
+            self._expired += idle
 
     def depths(self) -> dict[str, int]:
         with self._cond:

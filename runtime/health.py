@@ -204,6 +204,7 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     """A thread per connection, at most ``max_connections`` of them; extra connections are closed."""
 
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst of connections is accepted (and judged) quickly
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
         super().__init__(address, handler)
