@@ -161,8 +161,8 @@ def serve(
         help="Folder of operator .key files allowed on the control socket (required with CURVE).")] = None,
     reload_allow: Annotated[list[Path] | None, typer.Option(
         help="A folder reloads may load bundles from, besides BUNDLE (repeatable).")] = None,
-    camera_idle_s: Annotated[float | None, typer.Option(
-        help="Seconds without frames after which a camera gives up its slot (default: 300).")] = None,
+    camera_idle_s: Annotated[float, typer.Option(
+        help="Seconds without frames after which a camera gives up its slot.")] = 300.0,
     ort_threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all).")] = None,
     capture_pool: Annotated[Path | None, typer.Option(help="Capture sampled frames into this pool folder.")] = None,
     capture_rate: Annotated[float, typer.Option(help="Fraction of each camera's frames captured.")] = 0.0,
@@ -204,10 +204,9 @@ def serve(
         post_workers=post_workers, max_cameras=max_cameras, max_payload_bytes=max_payload_bytes, max_pixels=max_pixels,
         map_payload=map_payload, heartbeat_s=heartbeat_s, intake_hwm=intake_hwm, results_hwm=results_hwm,
         curve_secret=curve_secret, curve_allowed=curve_allowed, control_allowed=control_allowed,
-        reload_allow=tuple(reload_allow or ()), ort_threads=ort_threads, capture=capture,
+        reload_allow=tuple(reload_allow) if reload_allow else None, camera_idle_s=camera_idle_s,
+        ort_threads=ort_threads, capture=capture,
     )
-    if camera_idle_s is not None:
-        options.camera_idle_s = camera_idle_s
     try:
         options.validate()
     except ValueError as err:

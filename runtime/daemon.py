@@ -19,11 +19,11 @@ Threads and what they own (ZeroMQ sockets are not thread-safe, so each socket ha
 Hot reload: the new bundle (only from the configured reload locations) is loaded, validated and
 self-checked on the control thread while the old model keeps serving; the swap is a single
 reference assignment that the inference thread picks up at its next batch, so no frame is lost or
-answered twice. The retired backend is closed by the
-inference thread between batches (never while it may still be running on it). A reload also
-re-reads the allowed CURVE keys: a removed key is refused from its next message on (each message's
-authenticated key is checked), and when a subscriber key was removed the results endpoint is
-rebound, which drops every subscriber connection so each must authenticate again.
+answered twice. The retired backend is closed by the inference thread between batches (never
+while it may still be running on it). A reload also re-reads the allowed CURVE keys: a removed
+key is refused from its next message on (each message's authenticated key is checked), and when a
+subscriber key was removed the results endpoint is rebound, which drops every subscriber
+connection so each must authenticate again.
 
 Every published result carries ``seq``, counted per camera, so a consumer can count results lost
 on the way (PUB drops silently for a slow subscriber); results the daemon itself could not publish
@@ -143,7 +143,7 @@ class ServeOptions:
     curve_secret: Path | None = None  # server .key_secret: enables CURVE on intake and results
     curve_allowed: Path | None = None  # folder of allowed client .key files (required with CURVE)
     control_allowed: Path | None = None  # folder of operator .key files for the control socket (CURVE)
-    reload_allow: tuple[Path, ...] = ()  # folders a reload may load bundles from, besides the served one
+    reload_allow: tuple[Path, ...] | None = None  # more folders reloads may load bundles from than the served one
     camera_idle_s: float = DEFAULT_CAMERA_IDLE_S  # a camera silent this long gives up its slot
     ort_threads: int | None = None  # ONNX Runtime intra-op threads; None: all cores
     capture: CaptureOptions = field(default_factory=CaptureOptions)  # frame capture for retraining; off by default
@@ -287,8 +287,8 @@ class DaemonMetrics:
         self.ready = r.gauge("llb_ready", "1 while serving")
 
 
-class ControlRefusedError(LLBEdgeError, ValueError):
-    """A reload or threshold request the daemon will not carry out; the message is safe to send back."""
+class ReloadRefusedError(LLBEdgeError, ValueError):
+    """A reload of a path outside the daemon's reload locations; the message reveals nothing about it."""
 
 
 class ResultSequences:
@@ -328,7 +328,7 @@ class Daemon:
         self._sequences = ResultSequences()
         self._rebind_results_due = threading.Event()  # a subscriber key was revoked
         # Reloads load bundles from inside these folders only (resolved once, at start).
-        self._reload_roots = [self.bundle_dir.resolve(), *(Path(p).resolve() for p in self.options.reload_allow)]
+        self._reload_roots = [self.bundle_dir.resolve(), *(Path(p).resolve() for p in self.options.reload_allow or ())]
         self._post_pool = ThreadPoolExecutor(self.options.post_workers, thread_name_prefix="llb-post")
         # One batch may wait for post-processing beside the ones being post-processed: when
         # post-processing is the bottleneck the inference thread then waits, frames gather in the
@@ -914,14 +914,14 @@ class Daemon:
         return any(resolved.is_relative_to(root) for root in self._reload_roots)
 
     def _reload_target(self, requested: str | Path | None) -> Path:
-        """The bundle folder (or versions root) to load; ControlRefusedError outside the reload locations.
+        """The bundle folder (or versions root) to load; ReloadRefusedError outside the reload locations.
 
         Checked on the resolved path (symlinks followed) before anything is read there, and the
         refusal is the same whether the path exists or not, so the control socket reveals nothing
         about files outside the reload locations.
         """
         target = self.bundle_dir if requested is None else Path(requested)
-        refusal = ControlRefusedError(
+        refusal = ReloadRefusedError(
             f"reload refused: {str(requested)!r} is not inside this daemon's reload locations "
             "(the folder it serves, or a --reload-allow folder)"
         )
@@ -940,18 +940,21 @@ class Daemon:
         with self._reload_lock:
             current = self._model_or_raise()
             score_range = current.bundle.score_range
+            refusal = None
             if not np.isfinite(value):
-                raise ControlRefusedError(f"threshold must be a finite number, got {value}")
-            if score_range is None:
-                raise ControlRefusedError(
+                refusal = f"threshold must be a finite number, got {value}"
+            elif score_range is None:
+                refusal = (
                     "this bundle records no score range (extra.score_range), so overrides cannot be checked "
                     "and are refused; change bundle.json with `llb-edge bundle set-threshold` and reload"
                 )
-            if not score_range[0] <= value <= score_range[1]:
-                raise ControlRefusedError(
+            elif not score_range[0] <= value <= score_range[1]:
+                refusal = (
                     f"threshold {value} is outside the bundle's score range {list(score_range)} "
                     f"(bundle threshold {current.bundle.threshold})"
                 )
+            if refusal is not None:
+                return {"ok": False, "error": refusal, "threshold": current.threshold}
             self._set_model(dataclasses.replace(current, threshold=float(value), threshold_override=True))
         log_event(logger, logging.INFO, "threshold_override", old=current.threshold, new=float(value))
         return {"ok": True, "threshold": float(value), "previous": current.threshold, "range": list(score_range)}
@@ -974,7 +977,7 @@ class Daemon:
                     reply = {"ok": False, "error": "not authorised"}
                 else:
                     reply = self._handle_control(parse_control_request(frame.bytes))
-            except ValueError as err:  # ControlRefusedError and malformed requests: the message is for the operator
+            except ValueError as err:  # a malformed request: the message is for the operator
                 reply = {"ok": False, "error": str(err)}
             except Exception as err:  # noqa: BLE001 - REP must always answer
                 self._log_failure("control_failed", err)

@@ -190,6 +190,13 @@ def test_a_removed_client_key_is_cut_off_on_reload(bundle_dir: Path, keys: Keys)
         assert revoked.quiet(0.5) == [] and len(revoked.heartbeats) == heard
         assert "cam-r" not in [h.camera_id for h in kept.quiet(0.2)]
 
+        # Operators are revoked the same way: the reload that drops the key is its last request.
+        operator = keys.control(keys.operator)
+        (keys.operators / keys.operator.public.name).unlink()
+        assert send_control(daemon.endpoints["control"], "reload", keys=operator)["ok"] is True
+        with pytest.raises(ControlError):
+            send_control(daemon.endpoints["control"], "status", keys=operator, timeout_s=1)
+
 
 # ---------------------------------------------------------------------------------- item 4: paths
 
@@ -459,3 +466,11 @@ def test_the_daemon_health_server_is_bounded_by_default(bundle_dir: Path) -> Non
 
 def test_serve_options_default_to_a_documented_camera_timeout() -> None:
     assert daemon_options().camera_idle_s == ServeOptions().camera_idle_s == 300.0
+
+
+def test_a_bundle_without_a_score_range_takes_no_threshold_override(tmp_path: Path, contract_onnx: Path) -> None:
+    bundle = make_bundle(tmp_path / "old-export", contract_onnx, extra={"score_range": None})
+    with running_daemon(bundle) as daemon:
+        reply = send_control(daemon.endpoints["control"], "threshold", value=0.2)
+        assert reply["ok"] is False and "no score range" in reply["error"]
+        assert daemon.status()["model"]["threshold"] == pytest.approx(0.1)
