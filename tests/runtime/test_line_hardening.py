@@ -474,3 +474,28 @@ def test_a_bundle_without_a_score_range_takes_no_threshold_override(tmp_path: Pa
         reply = send_control(daemon.endpoints["control"], "threshold", value=0.2)
         assert reply["ok"] is False and "no score range" in reply["error"]
         assert daemon.status()["model"]["threshold"] == pytest.approx(0.1)
+
+
+def test_external_data_is_found_in_subgraphs_and_garbage_is_refused(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llb_edge.onnx_external import OnnxFormatError, external_data_locations
+
+    def branch(name: str) -> onnx.GraphProto:
+        weight = numpy_helper.from_array(np.ones(4, np.float32), f"{name}_w")
+        weight.data_location = TensorProto.EXTERNAL
+        weight.ClearField("raw_data")
+        for key, value in (("location", f"{name}.bin"), ("offset", "0"), ("length", "16")):
+            weight.external_data.add(key=key, value=value)
+        out = helper.make_tensor_value_info(f"{name}_w", TensorProto.FLOAT, [4])
+        return helper.make_graph([], name, [], [out], [weight])
+
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    result = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))
+    model = helper.make_model(helper.make_graph([node], "g", [cond], [result]))
+    assert sorted(external_data_locations(model.SerializeToString())) == ["else.bin", "then.bin"]
+    for garbage in (b"\x0f\xff", b"\x3a\xff\xff\xff\xff\x0f", bytes(range(256))):
+        with pytest.raises(OnnxFormatError):
+            external_data_locations(garbage)
