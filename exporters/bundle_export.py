@@ -40,12 +40,14 @@ from llb_edge.bundle import (
     MAP_OUTPUT,
     MAX_OUTPUT,
     SCORE_OUTPUT,
+    SCORE_RANGE_KEY,
     Bundle,
     BundleError,
     BundleManifest,
     ModelFile,
     Preprocessing,
     Threshold,
+    hash_model_file,
     load_bundle,
     sha256_file,
     utc_now,
@@ -82,6 +84,7 @@ from llb_edge.exporters.threshold import (
     read_calibration_scores,
     read_train_scores,
 )
+from llb_edge.models.dinomaly import SCORE_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -416,8 +419,9 @@ def export_bundle(
             findings = check_model(path, source=name)  # raises LintError on any error-level finding
             report = parity.require(parity.check_onnx_parity(model, path, images, precision, reference))
             log.info("%s: %s", name, report.summary())
-            files[key] = ModelFile(path=name, sha256=sha256_file(path), format="onnx", precision=precision,
-                                   parity=report.to_dict())
+            sha256, external_data = hash_model_file(staging, name, "onnx")  # external data hashed too
+            files[key] = ModelFile(path=name, sha256=sha256, format="onnx", precision=precision,
+                                   parity=report.to_dict(), external_data=external_data)
             onnx_paths[precision] = path
             exports[precision] = result.to_dict()
             lint_notes[precision] = [str(f) for f in findings]
@@ -432,6 +436,7 @@ def export_bundle(
             "backbone": metadata.get("backbone", {}),
             "trained_weights_sha256": sha256_file(trained),
             "top_fraction": cfg.eval.top_fraction,
+            SCORE_RANGE_KEY: list(SCORE_RANGE),
             "threshold_rule": threshold.chosen.to_dict(),
             "threshold_candidates": threshold.candidates,
             "parity_images": {"path": PARITY_IMAGES_FILE, "sha256": sha256_file(staging / PARITY_IMAGES_FILE),

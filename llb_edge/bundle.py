@@ -3,24 +3,30 @@
 A bundle is a folder holding ``bundle.json`` (this schema) and the model files it lists. The format
 is documented in docs/bundle.md. No torch here: the runtime imports this module.
 
-Loading verifies the schema version and every listed file's sha256, so a half-copied or edited
-bundle is refused with a message instead of producing wrong scores on the line.
+Loading verifies the schema version, the manifest's values, and the sha256 of every file a model
+session reads (each listed model file and every ONNX external-data file it references), all
+confined to the bundle folder, so a half-copied, edited or hostile bundle is refused with a
+message instead of producing wrong scores on the line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import getpass
 import hashlib
 import json
+import math
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llb_edge.errors import LLBEdgeError
+from llb_edge.onnx_external import OnnxFormatError, external_data_locations
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "bundle.json"
@@ -30,6 +36,10 @@ INPUT_NAME = "images"  # uint8 [B, H, W, 3], RGB, already resized and cropped to
 MAP_OUTPUT = "anomaly_map"  # float32 [B, 1, map_size, map_size], the smoothed evaluation map
 SCORE_OUTPUT = "score"  # float32 [B], mean of the top fraction of map pixels
 MAX_OUTPUT = "score_max"  # float32 [B], max of the map
+
+MODEL_FORMATS = ("onnx", "tensorrt")
+SCORE_RANGE_KEY = "score_range"  # extra.score_range: [lo, hi] every score of the graph lies in
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BundleError(LLBEdgeError, RuntimeError):
@@ -42,6 +52,11 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def is_finite_number(value: object) -> bool:
+    """A JSON number that is a real, finite value (not a bool, a string, null, NaN or infinity)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def utc_now() -> str:
@@ -71,6 +86,8 @@ class ModelFile:
     # TensorRT engines: what they were built for (an engine runs only there).
     target: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
+    # ONNX external-data files the graph references: path relative to the bundle folder -> sha256.
+    external_data: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,11 +147,146 @@ class Bundle:
         if name not in self.manifest.files:
             available = ", ".join(sorted(self.manifest.files)) or "none"
             raise BundleError(f"bundle {self.root} has no model file {name!r} (available: {available})")
-        return self.root / self.manifest.files[name].path
+        return confined_path(self.root, self.manifest.files[name].path)
 
     @property
     def threshold(self) -> float:
         return self.manifest.threshold.value
+
+    @property
+    def score_range(self) -> tuple[float, float] | None:
+        """[lo, hi] every score of the graph lies in, when the exporter recorded it."""
+        values = self.manifest.extra.get(SCORE_RANGE_KEY)
+        if isinstance(values, list | tuple) and len(values) == 2 and all(is_finite_number(v) for v in values):
+            return float(values[0]), float(values[1])
+        return None
+
+
+def confined_path(root: str | Path, relative: str) -> Path:
+    """``root / relative`` with symlinks resolved; BundleError unless it stays inside ``root``.
+
+    Checked before the file is touched, so a bundle cannot make the loader open (or reveal
+    anything about) a file outside its folder: ``../``, absolute paths and symlinks pointing out
+    are all refused the same way.
+    """
+    base = Path(root).resolve()
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+        raise BundleError(f"bundle file path {relative!r} must be relative to the bundle folder")
+    target = (base / relative).resolve()
+    if target == base or not target.is_relative_to(base):
+        raise BundleError(f"bundle file path {relative!r} leads outside the bundle folder")
+    return target
+
+
+def _bundle_file(root: Path, relative: str, what: str) -> Path:
+    path = confined_path(root, relative)
+    if not path.is_file():
+        raise BundleError(f"{what} ({relative}) is missing")
+    return path
+
+
+def _copy_hashed(source: Path, target: Path | None) -> str:
+    """sha256 of ``source``; copied to ``target`` in the same pass when given (those bytes are the
+    ones hashed, whatever happens to ``source`` afterwards)."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as reader, open(target, "xb") if target else contextlib.nullcontext() as writer:
+        while chunk := reader.read(1 << 20):
+            digest.update(chunk)
+            if writer is not None:
+                writer.write(chunk)
+    return digest.hexdigest()
+
+
+def _staged(stage: Path | None, root: Path, relative: str) -> Path | None:
+    if stage is None:
+        return None
+    target = stage / confined_path(root, relative).relative_to(root.resolve())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _model_file_hashes(
+    root: Path, relative: str, file_format: str, stage: Path | None
+) -> tuple[str, dict[str, str]]:
+    """(sha256 of a model file, {external-data path: sha256}); with ``stage``, each file is also
+    copied there, mirroring the bundle layout, as it is hashed."""
+    source = _bundle_file(root, relative, f"model file {relative!r}")
+    target = _staged(stage, root, relative)
+    sha = _copy_hashed(source, target)
+    external: dict[str, str] = {}
+    if file_format == "onnx":
+        try:
+            locations = external_data_locations((target or source).read_bytes())
+        except OnnxFormatError as err:
+            raise BundleError(f"model file {relative!r} is not an ONNX protobuf: {err}") from err
+        for location in locations:
+            # ONNX Runtime resolves a location relative to the model file's folder.
+            entry = (Path(relative).parent / location).as_posix()
+            data_file = _bundle_file(root, entry, f"external data of {relative!r}")
+            external[entry] = _copy_hashed(data_file, _staged(stage, root, entry))
+    return sha, external
+
+
+def hash_model_file(root: str | Path, relative: str, file_format: str) -> tuple[str, dict[str, str]]:
+    """sha256 of a model file and of every ONNX external-data file it references (path -> sha256).
+
+    The exporter records both in bundle.json; loading recomputes and compares them. Every path is
+    confined to the bundle folder.
+    """
+    return _model_file_hashes(Path(root), relative, file_format, None)
+
+
+def stage_model_file(bundle: Bundle, name: str, stage: Path) -> Path:
+    """Copy model file ``name`` and its external data into the private folder ``stage``, checking
+    each copy against bundle.json; returns the staged model file.
+
+    A session created from the staged copy reads exactly the bytes that were checked: ONNX Runtime
+    memory-maps external data, so a session on the bundle's own files would see later edits.
+    """
+    _verify_model_file(bundle.root, name, bundle.manifest.files[name], stage)
+    return stage / confined_path(bundle.root, bundle.manifest.files[name].path).relative_to(bundle.root.resolve())
+
+
+def manifest_problems(manifest: BundleManifest) -> list[str]:
+    """What makes a manifest unusable for serving (wrong types, NaN, empty values), all at once."""
+    problems: list[str] = []
+    for name in ("model_id", "model_version"):
+        if not isinstance(getattr(manifest, name), str) or not getattr(manifest, name):
+            problems.append(f"{name} must be a non-empty string")
+    pre = manifest.preprocessing
+    sides = {"preprocessing.resize": pre.resize, "preprocessing.crop": pre.crop, "map_size": manifest.map_size}
+    for name, value in sides.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r}")
+    if not problems and pre.crop > pre.resize:
+        problems.append(f"preprocessing.crop {pre.crop} is larger than preprocessing.resize {pre.resize}")
+    if not isinstance(manifest.extra, dict) or not isinstance(manifest.score_stats, dict):
+        problems.append("extra and score_stats must be JSON objects")
+        return problems
+    value = manifest.threshold.value
+    if not is_finite_number(value):
+        problems.append(f"threshold.value must be a finite number, got {value!r}")
+    score_range = manifest.extra.get(SCORE_RANGE_KEY)
+    if score_range is not None:
+        valid = (
+            isinstance(score_range, list)
+            and len(score_range) == 2
+            and all(is_finite_number(v) for v in score_range)
+            and score_range[0] < score_range[1]
+        )
+        if not valid:
+            problems.append(f"extra.{SCORE_RANGE_KEY} must be [lo, hi] with finite lo < hi, got {score_range!r}")
+        elif is_finite_number(value) and not score_range[0] <= value <= score_range[1]:
+            problems.append(f"threshold.value {value} is outside extra.{SCORE_RANGE_KEY} {score_range}")
+    if not manifest.files:
+        problems.append("files lists no model file")
+    for name, spec in manifest.files.items():
+        if spec.format not in MODEL_FORMATS:
+            problems.append(f"files.{name}.format must be one of {MODEL_FORMATS}, got {spec.format!r}")
+        hashes = [spec.sha256, *spec.external_data.values()] if isinstance(spec.external_data, dict) else None
+        if hashes is None or not all(isinstance(h, str) and _SHA256.match(h) for h in hashes):
+            problems.append(f"files.{name}: every sha256 must be 64 lowercase hex digits")
+    return problems
 
 
 def write_manifest(root: str | Path, manifest: BundleManifest) -> Path:
@@ -166,17 +318,35 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         )
     manifest = BundleManifest.from_dict(values)
     if verify:
+        problems = manifest_problems(manifest)
+        if problems:
+            raise BundleError(f"{path} is not usable: " + "; ".join(problems))
         for name, spec in manifest.files.items():
-            file_path = root / spec.path
-            if not file_path.is_file():
-                raise BundleError(f"bundle file {name!r} ({file_path}) is missing")
-            actual = sha256_file(file_path)
-            if actual != spec.sha256:
-                raise BundleError(
-                    f"bundle file {name!r} ({file_path}) fails its checksum: sha256 {actual}, "
-                    f"bundle.json expects {spec.sha256}. The file is corrupt or was changed; re-export."
-                )
+            _verify_model_file(root, name, spec)
     return Bundle(root=root, manifest=manifest)
+
+
+def _verify_model_file(root: Path, name: str, spec: ModelFile, stage: Path | None = None) -> None:
+    actual, external = _model_file_hashes(root, spec.path, spec.format, stage)
+    if actual != spec.sha256:
+        raise BundleError(
+            f"bundle file {name!r} ({spec.path}) fails its checksum (bundle.json expects {spec.sha256}). "
+            "The file is corrupt or was changed; re-export."
+        )
+    unlisted = sorted(set(external) - set(spec.external_data))
+    if unlisted:
+        raise BundleError(
+            f"bundle file {name!r} reads external data {unlisted} that bundle.json does not checksum; re-export."
+        )
+    for entry, expected in spec.external_data.items():
+        sha = external.get(entry)
+        if sha is None:  # listed but not referenced: still part of the bundle, still checked
+            sha = _copy_hashed(_bundle_file(root, entry, f"external data of {name!r}"), None)
+        if sha != expected:
+            raise BundleError(
+                f"external data {entry!r} of bundle file {name!r} fails its checksum (bundle.json expects "
+                f"{expected}). The file is corrupt or was changed; re-export."
+            )
 
 
 def operator_name() -> str:
@@ -194,9 +364,12 @@ def set_threshold(
 
     ``frr``: the false-reject estimate at ``value`` (llb_edge.calibration), recorded with it.
     """
-    if not value == value or value in (float("inf"), float("-inf")):
+    if not is_finite_number(value):
         raise BundleError(f"threshold must be a finite number, got {value}")
     bundle = load_bundle(root, verify=False)
+    score_range = bundle.score_range
+    if score_range is not None and not score_range[0] <= value <= score_range[1]:
+        raise BundleError(f"threshold {value} is outside the bundle's score range {list(score_range)}")
     old = bundle.manifest.threshold
     history = [*old.history, {"value": old.value, "method": old.method, "set_by": old.set_by, "set_at": old.set_at}]
     bundle.manifest.threshold = Threshold(

@@ -168,6 +168,12 @@ def serve(
     results_hwm: Annotated[int, typer.Option(help="ZeroMQ high-water mark of the results socket.")] = 1000,
     curve_secret: Annotated[Path | None, typer.Option(help="Server .key_secret: enables CURVE.")] = None,
     curve_allowed: Annotated[Path | None, typer.Option(help="Folder of allowed client .key files.")] = None,
+    control_allowed: Annotated[Path | None, typer.Option(
+        help="Folder of operator .key files allowed on the control socket (required with CURVE).")] = None,
+    reload_allow: Annotated[list[Path] | None, typer.Option(
+        help="A folder reloads may load bundles from, besides BUNDLE (repeatable).")] = None,
+    camera_idle_s: Annotated[float, typer.Option(
+        help="Seconds without frames after which a camera gives up its slot.")] = 300.0,
     ort_threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all).")] = None,
     capture_pool: Annotated[Path | None, typer.Option(help="Capture sampled frames into this pool folder.")] = None,
     capture_rate: Annotated[float, typer.Option(help="Fraction of each camera's frames captured.")] = 0.0,
@@ -222,7 +228,9 @@ def serve(
         backend=backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
         post_workers=post_workers, max_cameras=max_cameras, max_payload_bytes=max_payload_bytes, max_pixels=max_pixels,
         map_payload=map_payload, heartbeat_s=heartbeat_s, intake_hwm=intake_hwm, results_hwm=results_hwm,
-        curve_secret=curve_secret, curve_allowed=curve_allowed, ort_threads=ort_threads, capture=capture,
+        curve_secret=curve_secret, curve_allowed=curve_allowed, control_allowed=control_allowed,
+        reload_allow=tuple(reload_allow) if reload_allow else None, camera_idle_s=camera_idle_s,
+        ort_threads=ort_threads, capture=capture,
         regions=regions, ng_rate_window=ng_rate_window, ng_rate_alpha=ng_rate_alpha,
     )
     try:
@@ -278,15 +286,33 @@ def ctl(
     value: Annotated[str | None, typer.Argument(help="reload: a bundle path; threshold: a number.")] = None,
     endpoint: Annotated[str, typer.Option(help="The daemon's control endpoint.")] = "tcp://127.0.0.1:5557",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 30.0,
+    curve_secret: Annotated[Path | None, typer.Option(
+        help="This operator's .key_secret (daemons with CURVE; default $LLB_EDGE_CTL_SECRET).")] = None,
+    curve_server: Annotated[Path | None, typer.Option(
+        help="The daemon's public server .key (CURVE; default $LLB_EDGE_CTL_SERVER_KEY).")] = None,
 ) -> None:
-    """Talk to a running daemon: status, reload [BUNDLE], threshold [VALUE]."""
-    from llb_edge.runtime.control import send_control
+    """Talk to a running daemon: status, reload [BUNDLE], threshold [VALUE].
 
+    A daemon serving with CURVE answers only operators whose public key is in its --control-allowed
+    folder: pass --curve-secret and --curve-server (or set the environment variables, which
+    promote, rollback and retrain --notify use too).
+    """
+    from llb_edge.runtime.control import ControlKeys, send_control
+
+    if (curve_secret is None) != (curve_server is None):
+        fail("give both --curve-secret and --curve-server, or neither")
+    keys = None if curve_secret is None or curve_server is None else ControlKeys(curve_secret, curve_server)
     args: dict[str, object] = {}
     if value is not None:
-        args = {"path": value} if command == "reload" else {"value": float(value)}
+        if command == "reload":
+            args = {"path": value}
+        else:
+            try:
+                args = {"value": float(value)}
+            except ValueError:
+                fail(f"threshold must be a number, got {value!r}")
     try:
-        reply = send_control(endpoint, command, timeout_s=timeout, **args)
+        reply = send_control(endpoint, command, timeout_s=timeout, keys=keys, **args)
     except USER_ERRORS as err:
         fail(str(err))
     typer.echo(json.dumps(reply, indent=2))

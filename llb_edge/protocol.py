@@ -404,6 +404,9 @@ class ResultHeader:
     published_ts: float | None = None
     error: ErrorInfo | None = None
     map: MapInfo | None = None
+    # Per camera, +1 for every result the daemon publishes (error results too), from 1: a gap
+    # means results were lost on the way (e.g. a slow subscriber); None from older daemons.
+    seq: int | None = None
     version: int = PROTOCOL_VERSION
 
     @property
@@ -415,6 +418,7 @@ class ResultHeader:
             "version": self.version,
             "camera_id": self.camera_id,
             "frame_id": self.frame_id,
+            "seq": self.seq,
             "decision": self.decision,
             "score": self.score,
             "score_max": self.score_max,
@@ -462,6 +466,7 @@ class ResultHeader:
             version=read("version", _is_int, "an integer", required=True),
             camera_id=read("camera_id", is_valid_camera_id, f"a camera id matching {CAMERA_ID_PATTERN.pattern}", True),
             frame_id=read("frame_id", is_valid_frame_id, "an integer >= 0 or a string", required=True),
+            seq=read("seq", _is_count, "an integer >= 0 or null"),
             decision=read("decision", lambda value: value in (DECISION_OK, DECISION_NG), '"OK", "NG" or null'),
             score=read("score", _is_number, "a number or null"),
             score_max=read("score_max", _is_number, "a number or null"),

@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llb_edge.bundle import INPUT_NAME, MAP_OUTPUT, MAX_OUTPUT, SCORE_OUTPUT, Bundle
+from llb_edge.bundle import (
+    INPUT_NAME,
+    MAP_OUTPUT,
+    MAX_OUTPUT,
+    SCORE_OUTPUT,
+    Bundle,
+    confined_path,
+    stage_model_file,
+)
 from llb_edge.errors import LLBEdgeError
 from llb_edge.runtime.logs import get_logger, log_event
 
@@ -272,11 +281,24 @@ class TensorRTBackend(Backend):
         self._memory.free()
 
 
-def _model_files(bundle: Bundle, file_format: str, prefer_precision: str) -> list[Path]:
-    """The bundle's files of one format, the preferred precision first."""
-    specs = [spec for spec in bundle.manifest.files.values() if spec.format == file_format]
-    specs.sort(key=lambda spec: spec.precision != prefer_precision)
-    return [bundle.root / spec.path for spec in specs]
+def _model_files(bundle: Bundle, file_format: str, prefer_precision: str) -> list[str]:
+    """Keys of the bundle's files of one format, the preferred precision first."""
+    keys = [key for key, spec in bundle.manifest.files.items() if spec.format == file_format]
+    keys.sort(key=lambda key: bundle.manifest.files[key].precision != prefer_precision)
+    return keys
+
+
+def _onnx_backend(
+    bundle: Bundle, key: str, device: str, max_batch: int, intra_op_threads: int | None
+) -> OnnxRuntimeBackend:
+    """An ONNX Runtime session on a checked private copy of the model file and its external data.
+
+    The copy is deleted once the session exists: ONNX Runtime has read the graph and mapped the
+    external data by then, and an unlinked file cannot be changed by anyone.
+    """
+    with tempfile.TemporaryDirectory(prefix="llb-model-") as stage:
+        path = stage_model_file(bundle, key, Path(stage))
+        return OnnxRuntimeBackend(path, device=device, max_batch=max_batch, intra_op_threads=intra_op_threads)
 
 
 def _tensorrt_importable() -> bool:
@@ -314,25 +336,27 @@ def create_backend(
         from llb_edge.runtime.torch_backend import create_torch_backend
 
         return create_torch_backend(bundle, choice.removeprefix("torch-"), max_batch=max_batch)
-    candidates: list[tuple[str, Path]] = []
+    candidates: list[tuple[str, str]] = []  # (backend, bundle file key)
     if choice in ("auto", "tensorrt") and (choice == "tensorrt" or _tensorrt_importable()):
-        candidates += [("tensorrt", path) for path in _model_files(bundle, "tensorrt", "fp16")]
+        candidates += [("tensorrt", key) for key in _model_files(bundle, "tensorrt", "fp16")]
     if choice in ("auto", "ort-cuda") and (choice == "ort-cuda" or _ort_cuda_available()):
-        candidates += [("ort-cuda", path) for path in _model_files(bundle, "onnx", "fp16")]
+        candidates += [("ort-cuda", key) for key in _model_files(bundle, "onnx", "fp16")]
     if choice in ("auto", "ort-cpu"):
-        candidates += [("ort-cpu", path) for path in _model_files(bundle, "onnx", "fp32")]
+        candidates += [("ort-cpu", key) for key in _model_files(bundle, "onnx", "fp32")]
     if not candidates:
         raise BackendError(f"bundle {bundle.root} has no model file usable by backend {choice!r}")
     failures: list[str] = []
-    for kind, path in candidates:
+    for kind, key in candidates:
+        path = bundle.manifest.files[key].path
         try:
             if kind == "tensorrt":
-                return TensorRTBackend(path, max_batch=max_batch)
+                # Engines are deserialised into device memory: later edits of the file do not reach them.
+                return TensorRTBackend(confined_path(bundle.root, path), max_batch=max_batch)
             device = "cuda" if kind == "ort-cuda" else "cpu"
-            return OnnxRuntimeBackend(path, device=device, max_batch=max_batch, intra_op_threads=intra_op_threads)
+            return _onnx_backend(bundle, key, device, max_batch, intra_op_threads)
         except BackendError as err:
-            failures.append(f"{kind} {path.name}: {err}")
-            log_event(logger, logging.WARNING, "backend_unavailable", backend=kind, file=str(path), reason=str(err))
+            failures.append(f"{kind} {path}: {err}")
+            log_event(logger, logging.WARNING, "backend_unavailable", backend=kind, file=path, reason=str(err))
     raise BackendError("no backend could load the bundle: " + "; ".join(failures))
 
 

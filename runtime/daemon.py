@@ -11,16 +11,24 @@ Threads and what they own (ZeroMQ sockets are not thread-safe, so each socket ha
 - post workers (``post_workers``): post-process inspected frames; the publisher sends their results
   in inspection order, whichever worker finishes first.
 - publisher: the PUB socket. Sends results from an outbox queue and a heartbeat every interval.
-- control: the REP socket (reload, status, threshold).
+- control: the REP socket (reload, status, threshold); with CURVE only operator keys get answers.
 - health: HTTP /live /ready /metrics and the read-only operator page (runtime/operator_page.py),
   which post workers feed a reference per inspected frame; its images are drawn on HTTP threads.
 - capture (optional, runtime/capture.py): writes a sampled fraction of inspected frames to a pool
   folder for `llb-edge retrain`; the inference thread only hands it a reference, never waits on it.
 
-Hot reload: the new bundle is loaded and self-checked on the control thread while the old model
-keeps serving; the swap is a single reference assignment that the inference thread picks up at
-its next batch, so no frame is lost or answered twice. The retired backend is closed by the
-inference thread between batches (never while it may still be running on it).
+Hot reload: the new bundle (only from the configured reload locations) is loaded, validated and
+self-checked on the control thread while the old model keeps serving; the swap is a single
+reference assignment that the inference thread picks up at its next batch, so no frame is lost or
+answered twice. The retired backend is closed by the inference thread between batches (never
+while it may still be running on it). A reload also re-reads the allowed CURVE keys: a removed
+key is refused from its next message on (each message's authenticated key is checked), and when a
+subscriber key was removed the results endpoint is rebound, which drops every subscriber
+connection so each must authenticate again.
+
+Every published result carries ``seq``, counted per camera, so a consumer can count results lost
+on the way (PUB drops silently for a slow subscriber); results the daemon itself could not publish
+are counted in ``llb_results_lost_total``.
 
 Shutdown (SIGTERM or stop()): stop taking control commands, stop reading (after draining what
 already arrived on the socket), finish every queued frame, publish, flush, exit.
@@ -28,8 +36,11 @@ already arrived on the socket), finish every queued frame, publish, flush, exit.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import errno
+import functools
 import json
 import logging
 import queue
@@ -37,6 +48,7 @@ import signal
 import threading
 import time
 import types
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +60,7 @@ import zmq
 from llb_edge.bundle import Bundle, BundleError, load_bundle
 from llb_edge.calibration import CalibrationError, bundle_calibration_scores, estimate_frr
 from llb_edge.data.transforms import Geometry
+from llb_edge.errors import LLBEdgeError
 from llb_edge.protocol import (
     DECISION_NG,
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -63,16 +76,28 @@ from llb_edge.protocol import (
 )
 from llb_edge.runtime.backends import BACKEND_CHOICES, Backend, create_backend, self_check
 from llb_edge.runtime.capture import CaptureOptions, FrameCapture
-from llb_edge.runtime.control import ControlRequest, parse_control_request
+from llb_edge.runtime.control import ControlRequest, is_local_endpoint, parse_control_request
 from llb_edge.runtime.drift import DEFAULT_NG_RATE_ALPHA, DEFAULT_NG_RATE_WINDOW, NgRateMonitor
-from llb_edge.runtime.frames import DEFAULT_MAX_PIXELS, Frame, FrameQueues, decode_frame_image
+from llb_edge.runtime.frames import (
+    DEFAULT_CAMERA_IDLE_S,
+    DEFAULT_MAX_PIXELS,
+    Frame,
+    FrameQueues,
+    decode_frame_image,
+)
 from llb_edge.runtime.health import (
     BATCH_BUCKETS,
     LATENCY_BUCKETS,
     HealthServer,
     MetricsRegistry,
 )
-from llb_edge.runtime.keys import ClientAllowList, configure_server
+from llb_edge.runtime.keys import (
+    CONTROL_ZAP_DOMAIN,
+    ZAP_DOMAIN,
+    ClientAllowList,
+    configure_server,
+    message_user_id,
+)
 from llb_edge.runtime.logs import RateLimitedLog, configure_json_logging, get_logger, log_event
 from llb_edge.runtime.operator_page import OperatorPage
 from llb_edge.runtime.postprocess import ModelIdentity, error_result, inspection_result, top_fraction_of
@@ -90,6 +115,10 @@ POLL_MS = 100  # how often blocked threads look at their stop flag
 OUTBOX_LIMIT = 10_000  # results waiting for the publisher; PUB never blocks, so this stays near 0
 DRAIN_LIMIT = 10_000  # messages read from the intake socket after a stop request
 FLUSH_LINGER_MS = 1000  # time given to ZeroMQ to put the last results on the wire at shutdown
+ERROR_LOG_WINDOW_S = 10.0  # repeated errors of one kind: ERROR_LOG_BURST lines in full per window,
+ERROR_LOG_BURST = 5  # then one line with the count of the others
+REBIND_WAIT_S = 2.0  # how long the publisher waits for the results port to be free again
+SEQUENCE_CAMERAS = 4096  # cameras whose result seq is remembered (least recently published forgotten)
 
 logger = get_logger("daemon")
 
@@ -119,6 +148,9 @@ class ServeOptions:
     results_hwm: int = 1000
     curve_secret: Path | None = None  # server .key_secret: enables CURVE on intake and results
     curve_allowed: Path | None = None  # folder of allowed client .key files (required with CURVE)
+    control_allowed: Path | None = None  # folder of operator .key files for the control socket (CURVE)
+    reload_allow: tuple[Path, ...] | None = None  # more folders reloads may load bundles from than the served one
+    camera_idle_s: float = DEFAULT_CAMERA_IDLE_S  # a camera silent this long gives up its slot
     ort_threads: int | None = None  # ONNX Runtime intra-op threads; None: all cores
     capture: CaptureOptions = field(default_factory=CaptureOptions)  # frame capture for retraining; off by default
     # Per camera: only this part of its frames is inspected (runtime/roi.py); cameras not listed: the whole frame.
@@ -146,12 +178,25 @@ class ServeOptions:
         for name in positive:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
-        if self.max_wait_ms < 0 or self.heartbeat_s <= 0:
-            problems.append("max_wait_ms must be >= 0 and heartbeat_s > 0")
+        if self.max_wait_ms < 0 or self.heartbeat_s <= 0 or self.camera_idle_s <= 0:
+            problems.append("max_wait_ms must be >= 0, heartbeat_s and camera_idle_s > 0")
         if self.ng_rate_window < 1 or not 0.0 < self.ng_rate_alpha < 1.0:
             problems.append("ng_rate_window must be >= 1 and ng_rate_alpha in (0, 1)")
         if (self.curve_secret is None) != (self.curve_allowed is None):
             problems.append("CURVE needs both curve_secret (server key) and curve_allowed (client keys folder)")
+        curve = self.curve_secret is not None
+        if self.control is not None and curve and self.control_allowed is None:
+            problems.append(
+                "with CURVE the control socket authenticates operators: give control_allowed (a folder of "
+                "operator .key files; it may be curve_allowed) or turn control off"
+            )
+        if self.control_allowed is not None and not curve:
+            problems.append("control_allowed needs CURVE (curve_secret and curve_allowed)")
+        if self.control is not None and not curve and not is_local_endpoint(self.control):
+            problems.append(
+                f"the control endpoint {self.control} is reachable from other machines: bind it to loopback "
+                "(tcp://127.0.0.1:PORT) or ipc://, or configure CURVE so that it authenticates operators"
+            )
         problems += self.capture.problems()
         if problems:
             raise ValueError("invalid serve options: " + "; ".join(problems))
@@ -186,6 +231,8 @@ class ServingModel:
             "threshold": self.threshold,
             "threshold_override": self.threshold_override,
             "expected_ng_rate": self.expected_ng_rate,
+            "score_range": self.bundle.score_range,
+            "score_stats": self.bundle.manifest.score_stats,
             "input_size": self.geometry.crop,
             "map_size": self.bundle.manifest.map_size,
         }
@@ -247,7 +294,13 @@ class DaemonMetrics:
         self.frames = r.counter("llb_frames_inspected_total", "Frames inspected", ["camera", "decision"])
         self.errors = r.counter("llb_errors_total", "Frames or messages that got no inspection", ["code"])
         self.drops = r.counter("llb_frames_dropped_total", "Frames replaced by newer ones (keep-newest)", ["camera"])
-        self.results_lost = r.counter("llb_results_lost_total", "Results not published: outbox full")
+        self.results_lost = r.counter(
+            "llb_results_lost_total", "Results the daemon could not publish", ["reason"]
+        )
+        self.refused = r.counter(
+            "llb_messages_refused_total", "Messages from a CURVE key no longer allowed", ["socket"]
+        )
+        self.cameras_expired = r.counter("llb_cameras_expired_total", "Idle cameras that gave up their slot")
         self.queue_depth = r.gauge("llb_queue_depth", "Frames waiting per camera", ["camera"])
         self.batch_size = r.histogram("llb_batch_size", "Frames per inference batch", BATCH_BUCKETS)
         self.latency = r.histogram(
@@ -257,6 +310,29 @@ class DaemonMetrics:
         self.threshold = r.gauge("llb_threshold", "Decision threshold in use")
         self.reloads = r.counter("llb_reloads_total", "Bundle reloads", ["outcome"])
         self.ready = r.gauge("llb_ready", "1 while serving")
+
+
+class ReloadRefusedError(LLBEdgeError, ValueError):
+    """A reload of a path outside the daemon's reload locations; the message reveals nothing about it."""
+
+
+class ResultSequences:
+    """Per-camera result sequence numbers (1, 2, ...), for the ``seq`` field of results.
+
+    Bounded: beyond ``limit`` cameras the least recently published one is forgotten, and its
+    numbering restarts at 1 (as it does after a daemon restart). Callers serialise access.
+    """
+
+    def __init__(self, limit: int = SEQUENCE_CAMERAS) -> None:
+        self._limit = limit
+        self._last: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+    def next(self, camera_id: str) -> int:
+        seq = self._last.pop(camera_id, 0) + 1
+        self._last[camera_id] = seq
+        if len(self._last) > self._limit:
+            self._last.popitem(last=False)
+        return seq
 
 
 class Daemon:
@@ -270,8 +346,14 @@ class Daemon:
         self.endpoints: dict[str, str] = {}
         self.health_url: str | None = None
         self._context = zmq.Context()
-        self._queues = FrameQueues(self.options.queue_size, self.options.max_cameras)
+        self._queues = FrameQueues(self.options.queue_size, self.options.max_cameras, self.options.camera_idle_s)
         self._outbox: queue.Queue[Outgoing | None] = queue.Queue(maxsize=OUTBOX_LIMIT)
+        # Taken while a result gets its seq and enters the outbox, so seq order is publication order.
+        self._outbox_lock = threading.Lock()
+        self._sequences = ResultSequences()
+        self._rebind_results_due = threading.Event()  # a subscriber key was revoked
+        # Reloads load bundles from inside these folders only (resolved once, at start).
+        self._reload_roots = [self.bundle_dir.resolve(), *(Path(p).resolve() for p in self.options.reload_allow or ())]
         self._post_pool = ThreadPoolExecutor(self.options.post_workers, thread_name_prefix="llb-post")
         # One batch may wait for post-processing beside the ones being post-processed: when
         # post-processing is the bottleneck the inference thread then waits, frames gather in the
@@ -291,7 +373,7 @@ class Daemon:
         self._state = "starting"
         self._started_at = time.monotonic()
         self._heartbeat_seq = 0
-        self._error_log = RateLimitedLog(logger)
+        self._error_log = RateLimitedLog(logger, ERROR_LOG_WINDOW_S, ERROR_LOG_BURST)
         self.metrics.registry.add_collector(self._collect_gauges)
         self.ng_rates = NgRateMonitor(self.metrics.registry, logger, self.options.ng_rate_window,
                                       self.options.ng_rate_alpha)
@@ -312,7 +394,10 @@ class Daemon:
             if self.capture is not None:
                 self.capture.start()  # an unusable pool folder is a configuration error: refuse to start
             if self.options.curve_allowed is not None:
-                self._allow_list = ClientAllowList(self._context, self.options.curve_allowed)
+                folders = {ZAP_DOMAIN: self.options.curve_allowed}
+                if self.options.control_allowed is not None:
+                    folders[CONTROL_ZAP_DOMAIN] = self.options.control_allowed
+                self._allow_list = ClientAllowList(self._context, folders)
             intake = self._intake_socket()
             sockets.append(intake)
             results = self._results_socket()
@@ -427,9 +512,20 @@ class Daemon:
             raise OSError(f"cannot bind the {role} socket to {endpoint}: {err}") from err
         self.endpoints[role] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def _secure(self, sock: zmq.Socket) -> None:
+    def _secure(self, sock: zmq.Socket, domain: str = ZAP_DOMAIN) -> None:
         if self.options.curve_secret is not None:
-            configure_server(sock, self.options.curve_secret)
+            configure_server(sock, self.options.curve_secret, domain)
+
+    def _authorised(self, frame: zmq.Frame, domain: str, socket_name: str) -> bool:
+        """Whether a received message's authenticated key is (still) allowed; always True without CURVE."""
+        if self._allow_list is None:
+            return True
+        if self._allow_list.is_allowed(domain, message_user_id(frame)):
+            return True
+        self.metrics.refused.inc(socket=socket_name)
+        self._error_log.log(logging.WARNING, f"refused-{socket_name}", "message_refused", socket=socket_name,
+                            reason="client key not allowed (removed from its folder?)")
+        return False
 
     def _intake_socket(self) -> zmq.Socket:
         options = self.options
@@ -468,6 +564,7 @@ class Daemon:
         sock.rcvtimeo = POLL_MS
         sock.sndtimeo = 1000
         assert self.options.control is not None
+        self._secure(sock, CONTROL_ZAP_DOMAIN)
         self._bind(sock, self.options.control, "control")
         return sock
 
@@ -483,14 +580,16 @@ class Daemon:
                 log_event(logger, logging.ERROR, "intake_socket_error", error=str(err))
                 time.sleep(POLL_MS / 1000)
                 continue
-            self._accept(parts)
+            if self._authorised(parts[0], ZAP_DOMAIN, "intake"):
+                self._accept(parts)
         # Frames that already reached the socket count as in flight: answer them too.
         for _ in range(DRAIN_LIMIT):
             try:
                 parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.ZMQError:
                 break
-            self._accept(parts)
+            if self._authorised(parts[0], ZAP_DOMAIN, "intake"):
+                self._accept(parts)
         sock.close(linger=0)
 
     def _accept(self, parts: list[Any]) -> None:
@@ -529,19 +628,26 @@ class Daemon:
                 assert err.camera_id is not None and err.frame_id is not None
                 self._publish_error(err.camera_id, err.frame_id, err.capture_ts, err.code, err.message)
         except Exception as err:  # noqa: BLE001 - a bug must not take the intake down
-            logger.exception("intake_internal_error", extra={"fields": {"error": repr(err)}})
+            self._log_failure("intake_internal_error", err)
             if header is not None:
                 self._answer_error(header, ErrorCode.INTERNAL, f"internal error: {err!r}")
             else:
                 self._count_error(ErrorCode.INTERNAL, repr(err), None, None)
 
     def _answer_error(self, header: FrameHeader, code: ErrorCode, message: str) -> None:
-        self._publish(self._error_answer(header, code, message))
+        self._count_error(code, message, header.camera_id, header.frame_id)
+        self._publish_error(header.camera_id, header.frame_id, header.capture_ts, code, message)
 
-    def _error_answer(self, header: FrameHeader, code: ErrorCode, message: str) -> list[Any]:
+    def _error_answer(self, header: FrameHeader, code: ErrorCode, message: str, seq: int) -> list[Any]:
         """Count a frame's error and encode its error result (the caller decides when it is published)."""
         self._count_error(code, message, header.camera_id, header.frame_id)
-        return self._error_parts(header.camera_id, header.frame_id, header.capture_ts, code, message)
+        return self._error_parts(header.camera_id, header.frame_id, header.capture_ts, code, message, seq)
+
+    def _log_failure(self, event: str, err: BaseException, **fields: Any) -> None:
+        """A traceback for the first few failures of a kind, then counts (a per-frame bug floods logs)."""
+        self._error_log.log(
+            logging.ERROR, f"{event}:{type(err).__name__}", event, exc_info=err, error=repr(err), **fields
+        )
 
     def _count_error(self, code: ErrorCode, message: str, camera_id: str | None, frame_id: int | str | None) -> None:
         self.metrics.errors.inc(code=code.name)
@@ -558,14 +664,14 @@ class Daemon:
     def _publish_error(
         self, camera_id: str, frame_id: int | str, capture_ts: float | None, code: ErrorCode, message: str
     ) -> None:
-        self._publish(self._error_parts(camera_id, frame_id, capture_ts, code, message))
+        self._publish(camera_id, lambda seq: self._error_parts(camera_id, frame_id, capture_ts, code, message, seq))
 
     def _error_parts(
-        self, camera_id: str, frame_id: int | str, capture_ts: float | None, code: ErrorCode, message: str
+        self, camera_id: str, frame_id: int | str, capture_ts: float | None, code: ErrorCode, message: str, seq: int
     ) -> list[Any]:
         identity = self._model.identity if self._model is not None else None
         result = error_result(camera_id, frame_id, capture_ts, code, message, identity)
-        return encode_result(dataclasses.replace(result, published_ts=time.time()))
+        return encode_result(dataclasses.replace(result, published_ts=time.time(), seq=seq))
 
     # ---------------------------------------------------------------------------- inference
 
@@ -587,7 +693,7 @@ class Daemon:
             inputs = np.stack([frame.input_for(model.geometry) for frame in batch])
             maps, scores, maxes = model.backend.run(inputs)
         except Exception as err:  # noqa: BLE001 - answer the frames, keep serving
-            logger.exception("inference_failed", extra={"fields": {"batch": len(batch), "error": repr(err)}})
+            self._log_failure("inference_failed", err, batch=len(batch))
             for frame in batch:
                 self._answer_error(frame.header, ErrorCode.INFERENCE_FAILED, f"inference failed: {err}")
             return
@@ -601,23 +707,27 @@ class Daemon:
             # bounded camera queues (keep-newest) instead of growing here.
             self._post_slots.acquire()
             try:
-                future = self._post_pool.submit(self._finish, inspected)
+                # The outbox is FIFO: results leave in inspection order.
+                self._publish(frame.header.camera_id, functools.partial(self._submit_post, inspected))
             except BaseException:
                 self._post_slots.release()
                 raise
-            self._publish(future)  # the outbox is FIFO: results leave in inspection order
 
-    def _finish(self, inspected: InspectedFrame) -> list[Any]:
+    def _submit_post(self, inspected: InspectedFrame, seq: int) -> Future:
+        return self._post_pool.submit(self._finish, inspected, seq)
+
+    def _finish(self, inspected: InspectedFrame, seq: int) -> list[Any]:
         """Post-process one inspected frame on a post worker; returns the encoded result (never raises)."""
+        header = inspected.frame.header
         try:
-            return self._finish_frame(inspected)
+            return self._finish_frame(inspected, seq)
         except Exception as err:  # noqa: BLE001 - every frame gets an answer
-            logger.exception("postprocess_failed", extra={"fields": {"error": repr(err)}})
-            return self._error_answer(inspected.frame.header, ErrorCode.INTERNAL, f"post-processing failed: {err!r}")
+            self._log_failure("postprocess_failed", err, camera_id=header.camera_id, frame_id=header.frame_id)
+            return self._error_answer(header, ErrorCode.INTERNAL, f"post-processing failed: {err!r}", seq)
         finally:
             self._post_slots.release()
 
-    def _finish_frame(self, inspected: InspectedFrame) -> list[Any]:
+    def _finish_frame(self, inspected: InspectedFrame, seq: int) -> list[Any]:
         post_started = time.perf_counter()
         frame, model, header = inspected.frame, inspected.model, inspected.frame.header
         map_encoding = None if self.options.map_payload == "none" else self.options.map_payload
@@ -651,6 +761,7 @@ class Daemon:
             result,
             latency_ms={stage: round(seconds * 1000, 3) for stage, seconds in latency_s.items()},
             published_ts=time.time(),
+            seq=seq,
         )
         if result.error is not None:
             self._count_error(result.error.code, result.error.message, header.camera_id, header.frame_id)
@@ -679,11 +790,17 @@ class Daemon:
 
     # ---------------------------------------------------------------------------- publishing
 
-    def _publish(self, item: Outgoing) -> None:
-        try:
-            self._outbox.put_nowait(item)
-        except queue.Full:
-            self.metrics.results_lost.inc()
+    def _publish(self, camera_id: str, build: Callable[[int], Outgoing]) -> None:
+        """Give the camera's next ``seq`` to ``build`` and queue what it returns for the publisher.
+
+        A result that cannot be queued still used up its seq, so consumers see the gap.
+        """
+        with self._outbox_lock:
+            item = build(self._sequences.next(camera_id))
+            try:
+                self._outbox.put_nowait(item)
+            except queue.Full:
+                self.metrics.results_lost.inc(reason="outbox_full")
 
     def _publish_loop(self, sock: zmq.Socket) -> None:
         interval = self.options.heartbeat_s
@@ -698,10 +815,11 @@ class Daemon:
             # A result still being post-processed holds back the ones behind it, so results leave
             # in the order frames were inspected even with several post workers.
             parts = item.result() if isinstance(item, Future) else item
-            if parts:
-                self._send(sock, parts)
+            if parts and not self._send(sock, parts):
+                self.metrics.results_lost.inc(reason="send_failed")
             now = time.monotonic()
             if now >= next_heartbeat:
+                self._periodic(sock)
                 self._send(sock, encode_heartbeat(self._heartbeat()))
                 next_heartbeat = max(next_heartbeat + interval, now)
         self._send(sock, encode_heartbeat(self._heartbeat()))
@@ -709,12 +827,44 @@ class Daemon:
         # the last results at shutdown; give them a bounded moment to reach the wire.
         sock.close(linger=FLUSH_LINGER_MS)
 
-    def _send(self, sock: zmq.Socket, parts: list[Any]) -> None:
+    def _periodic(self, sock: zmq.Socket) -> None:
+        """Once per heartbeat on the publisher thread: log counts, free idle cameras, rebind results."""
+        self._error_log.flush()
+        for camera in self._queues.expire_idle():
+            self.metrics.cameras_expired.inc()
+            log_event(logger, logging.INFO, "camera_expired", camera_id=camera, idle_s=self.options.camera_idle_s)
+        if self._rebind_results_due.is_set():
+            self._rebind_results(sock)
+
+    def _rebind_results(self, sock: zmq.Socket) -> None:
+        """Unbind and bind the results endpoint again: unbinding closes every connection accepted
+        on it, so each subscriber reconnects and must pass the CURVE handshake with today's keys."""
+        endpoint = self.endpoints["results"]  # the resolved address: a "*" port stays the same port
+        with contextlib.suppress(zmq.ZMQError):  # already unbound when a previous rebind failed
+            sock.unbind(endpoint)
+        deadline = time.monotonic() + REBIND_WAIT_S
+        while True:
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as err:
+                # The listener closes asynchronously; the port is free again within milliseconds.
+                if err.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                self._log_failure("results_rebind_failed", err, endpoint=endpoint)  # retried next heartbeat
+                return
+            self._rebind_results_due.clear()
+            log_event(logger, logging.INFO, "results_rebound", endpoint=endpoint, reason="client key revoked")
+            return
+
+    def _send(self, sock: zmq.Socket, parts: list[Any]) -> bool:
         try:
             sock.send_multipart(parts, flags=zmq.NOBLOCK)
         except zmq.ZMQError as err:
             # PUB drops at the high-water mark instead of raising; anything else is logged.
             self._error_log.log(logging.ERROR, "publish", "publish_failed", error=str(err))
+            return False
+        return True
 
     def _heartbeat(self) -> Heartbeat:
         self._heartbeat_seq += 1
@@ -763,20 +913,22 @@ class Daemon:
             model.backend.close()
 
     def reload(self, bundle_dir: str | Path | None = None) -> dict[str, Any]:
-        """Load ``bundle_dir`` (default: the current folder, re-reading bundle.json), self-check it,
-        and swap it in. On any failure the old model keeps serving and ``ok`` is False."""
+        """Re-read the allowed CURVE keys, then load ``bundle_dir`` (default: the current folder,
+        re-reading bundle.json), validate and self-check it, and swap it in. On any failure the old
+        model keeps serving, ``ok`` is False and ``model`` describes the model still serving."""
         with self._reload_lock:
-            target = Path(bundle_dir) if bundle_dir is not None else self.bundle_dir
             current = self._model_or_raise()
+            allowed_keys = self._refresh_keys()  # revocation must not depend on the bundle being good
             try:
+                target = self._reload_target(bundle_dir)
                 model = load_serving_model(target, self.options)
             except Exception as err:  # noqa: BLE001 - whatever breaks, the old model stays
                 self.metrics.reloads.inc(outcome="refused")
-                log_event(logger, logging.WARNING, "reload_refused", bundle=str(target), reason=str(err))
-                return {"ok": False, "error": str(err), "model": current.describe()}
-            self._set_model(model)
+                log_event(logger, logging.WARNING, "reload_refused", requested=str(bundle_dir), reason=str(err))
+                kept = f"{current.identity.model_id} {current.identity.model_version}"
+                return {"ok": False, "error": f"{err} (still serving {kept})", "model": current.describe()}
+            self._set_model(model)  # the swap comes last: nothing after it can fail the reload
             self.bundle_dir = target
-            allowed_keys = self._allow_list.refresh() if self._allow_list is not None else None
             self.metrics.reloads.inc(outcome="ok")
             log_event(
                 logger,
@@ -788,22 +940,74 @@ class Daemon:
             )
             return {"ok": True, "model": model.describe(), "previous": current.describe()}
 
+    def _refresh_keys(self) -> dict[str, int] | None:
+        if self._allow_list is None:
+            return None
+        refresh = self._allow_list.refresh()
+        if refresh.revoked.get(ZAP_DOMAIN):
+            # Intake messages are checked one by one, but PUB cannot refuse one subscriber: the
+            # publisher rebinds the endpoint, so every subscriber must authenticate again.
+            self._rebind_results_due.set()
+        if any(refresh.revoked.values()):
+            log_event(logger, logging.WARNING, "client_keys_revoked", **refresh.revoked)
+        return refresh.allowed
+
+    def _in_reload_roots(self, path: Path) -> bool:
+        resolved = path.resolve()
+        return any(resolved.is_relative_to(root) for root in self._reload_roots)
+
+    def _reload_target(self, requested: str | Path | None) -> Path:
+        """The bundle folder (or versions root) to load; ReloadRefusedError outside the reload locations.
+
+        Checked on the resolved path (symlinks followed) before anything is read there, and the
+        refusal is the same whether the path exists or not, so the control socket reveals nothing
+        about files outside the reload locations.
+        """
+        target = self.bundle_dir if requested is None else Path(requested)
+        refusal = ReloadRefusedError(
+            f"reload refused: {str(requested)!r} is not inside this daemon's reload locations "
+            "(the folder it serves, or a --reload-allow folder)"
+        )
+        if not self._in_reload_roots(target):
+            raise refusal
+        if not self._in_reload_roots(resolve_bundle_dir(target)):  # a versions root pointing elsewhere
+            raise refusal
+        return target
+
     def set_threshold(self, value: float) -> dict[str, Any]:
-        """Override the decision threshold until the next reload (not written to the bundle)."""
-        if not np.isfinite(value):
-            return {"ok": False, "error": f"threshold must be finite, got {value}"}
+        """Override the decision threshold until the next reload (not written to the bundle).
+
+        Only values inside the bundle's score range (extra.score_range) are taken: a threshold
+        above every possible score would pass every part.
+        """
         with self._reload_lock:
             current = self._model_or_raise()
+            score_range = current.bundle.score_range
+            refusal = None
+            if not np.isfinite(value):
+                refusal = f"threshold must be a finite number, got {value}"
+            elif score_range is None:
+                refusal = (
+                    "this bundle records no score range (extra.score_range), so overrides cannot be checked "
+                    "and are refused; change bundle.json with `llb-edge bundle set-threshold` and reload"
+                )
+            elif not score_range[0] <= value <= score_range[1]:
+                refusal = (
+                    f"threshold {value} is outside the bundle's score range {list(score_range)} "
+                    f"(bundle threshold {current.bundle.threshold})"
+                )
+            if refusal is not None:
+                return {"ok": False, "error": refusal, "threshold": current.threshold}
             self._set_model(dataclasses.replace(current, threshold=float(value), threshold_override=True))
         log_event(logger, logging.INFO, "threshold_override", old=current.threshold, new=float(value))
-        return {"ok": True, "threshold": float(value), "previous": current.threshold}
+        return {"ok": True, "threshold": float(value), "previous": current.threshold, "range": list(score_range)}
 
     # ------------------------------------------------------------------------------ control
 
     def _control_loop(self, sock: zmq.Socket) -> None:
         while not self._stop_control.is_set():
             try:
-                data = sock.recv()
+                frame = sock.recv(copy=False)
             except zmq.Again:
                 continue
             except zmq.ZMQError as err:
@@ -811,12 +1015,16 @@ class Daemon:
                 time.sleep(POLL_MS / 1000)
                 continue
             try:
-                reply = self._handle_control(parse_control_request(data))
-            except ValueError as err:
+                if not self._authorised(frame, CONTROL_ZAP_DOMAIN, "control"):
+                    # REP must answer every request; a revoked operator learns nothing else.
+                    reply = {"ok": False, "error": "not authorised"}
+                else:
+                    reply = self._handle_control(parse_control_request(frame.bytes))
+            except ValueError as err:  # a malformed request: the message is for the operator
                 reply = {"ok": False, "error": str(err)}
             except Exception as err:  # noqa: BLE001 - REP must always answer
-                logger.exception("control_failed")
-                reply = {"ok": False, "error": f"internal error: {err!r}"}
+                self._log_failure("control_failed", err)
+                reply = {"ok": False, "error": f"internal error: {type(err).__name__}"}
             try:
                 sock.send(json.dumps(reply, default=str).encode())
             except zmq.ZMQError as err:
@@ -831,7 +1039,13 @@ class Daemon:
         value = request.args.get("value")
         if value is None:
             model = self._model_or_raise()
-            return {"ok": True, "threshold": model.threshold, "override": model.threshold_override}
+            score_range = model.bundle.score_range
+            return {
+                "ok": True,
+                "threshold": model.threshold,
+                "override": model.threshold_override,
+                "range": None if score_range is None else list(score_range),
+            }
         return self.set_threshold(float(value))
 
     # ------------------------------------------------------------------------- observability
@@ -850,6 +1064,7 @@ class Daemon:
         }
 
     def _collect_gauges(self) -> None:
+        self.metrics.queue_depth.clear()  # expired cameras leave the gauge
         for camera, depth in self._queues.depths().items():
             self.metrics.queue_depth.set(depth, camera=camera)
         self.metrics.ready.set(1.0 if self.is_ready() else 0.0)

@@ -25,6 +25,9 @@ DEFAULT_MAX_PIXELS = 64_000_000  # a frame bigger than this is refused (JPEG/PNG
 # A frame's pixel buffer (raw as sent, JPEG/PNG as the decoder outputs it) may take at most
 # max_pixels of 8-bit RGBA: 8-bit frames are bounded by their pixels, 16-bit ones count double.
 MAX_BYTES_PER_PIXEL = 4
+# A camera silent this long gives up its slot (of max_cameras): long enough for a short line stop,
+# short enough that a replaced or renamed camera gets a slot without a daemon restart.
+DEFAULT_CAMERA_IDLE_S = 300.0
 
 
 def raw_to_rgb8(image: np.ndarray) -> np.ndarray:
@@ -115,13 +118,19 @@ class FrameQueues:
     answers it with a DROPPED result): on a live line the newest frame is the one worth inspecting,
     and waiting for old ones only adds latency. Memory stays bounded by
     ``capacity * max_cameras`` frames.
+
+    A camera whose queue is empty and that sent nothing for ``idle_s`` seconds is forgotten (its
+    slot freed): by :meth:`expire_idle`, and at once when a new camera finds every slot taken.
     """
 
-    def __init__(self, capacity: int, max_cameras: int) -> None:
-        if capacity < 1 or max_cameras < 1:
-            raise ValueError("queue capacity and max_cameras must be >= 1")
+    def __init__(self, capacity: int, max_cameras: int, idle_s: float = DEFAULT_CAMERA_IDLE_S) -> None:
+        if capacity < 1 or max_cameras < 1 or idle_s <= 0:
+            raise ValueError("queue capacity and max_cameras must be >= 1, idle_s > 0")
         self.capacity = capacity
         self.max_cameras = max_cameras
+        self.idle_s = idle_s
+        self._last_put: dict[str, float] = {}  # camera -> monotonic time of its last frame
+        self._expired: list[str] = []  # expired by put(), not yet reported by expire_idle()
         self._queues: dict[str, deque[Frame]] = {}
         self._order: list[str] = []  # round-robin order so one busy camera cannot starve the others
         self._next = 0
@@ -136,17 +145,40 @@ class FrameQueues:
             queue = self._queues.get(camera)
             if queue is None:
                 if len(self._queues) >= self.max_cameras:
+                    self._expire_idle_locked()
+                if len(self._queues) >= self.max_cameras:
                     raise ProtocolError.for_frame(
-                        frame.header, ErrorCode.TOO_MANY_CAMERAS, f"already serving {self.max_cameras} cameras"
+                        frame.header, ErrorCode.TOO_MANY_CAMERAS,
+                        f"already serving {self.max_cameras} cameras (a camera's slot is freed after "
+                        f"{self.idle_s:g} s without frames)",
                     )
                 queue = self._queues[camera] = deque()
                 self._order.append(camera)
+            self._last_put[camera] = time.monotonic()
             evicted = queue.popleft() if len(queue) >= self.capacity else None
             frame.enqueued = time.perf_counter()
             queue.append(frame)
             self.peak_depth = max(self.peak_depth, len(queue))
             self._cond.notify()
         return evicted
+
+    def expire_idle(self) -> list[str]:
+        """Forget cameras idle for ``idle_s`` with nothing queued; returns every camera forgotten
+        since the last call (put() also forgets them when a new camera needs a slot)."""
+        with self._cond:
+            self._expire_idle_locked()
+            expired, self._expired = self._expired, []
+        return expired
+
+    def _expire_idle_locked(self) -> None:
+        cutoff = time.monotonic() - self.idle_s
+        idle = [camera for camera, queue in self._queues.items() if not queue and self._last_put[camera] <= cutoff]
+        if idle:
+            for camera in idle:
+                del self._queues[camera], self._last_put[camera]
+            self._order = [camera for camera in self._order if camera in self._queues]
+            self._next = self._next % len(self._order) if self._order else 0
+            self._expired += idle
 
     def depths(self) -> dict[str, int]:
         with self._cond:

@@ -6,6 +6,10 @@
 - ``GET /metrics``: Prometheus text exposition format 0.0.4.
 - anything else is offered to ``pages`` (the operator page, runtime/operator_page.py), if given.
 
+Connections are bounded: a client that has not finished its request within ``idle_timeout_s``
+(2 s) is disconnected, and beyond ``max_connections`` (16) open connections new ones are closed
+at once, so half-open connections cannot pile up threads.
+
 The registry is deliberately tiny (counters, gauges, histograms with labels): prometheus_client
 would be one more package to vet and install on every line PC for what is a few dozen lines.
 """
@@ -13,6 +17,7 @@ would be one more package to vet and install on every line PC for what is a few 
 from __future__ import annotations
 
 import math
+import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +30,11 @@ _M = TypeVar("_M", bound="_Metric")
 # Seconds; spans sub-millisecond CPU stages up to a slow first batch.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# A probe's request is a few hundred bytes on a local link: 2 s is ample, and a stalled client
+# frees its thread quickly. 16 connections are far more than the probes and scrapers of one daemon.
+HEALTH_IDLE_TIMEOUT_S = 2.0
+HEALTH_MAX_CONNECTIONS = 16
 
 
 def _escape(value: str) -> str:
@@ -205,6 +215,35 @@ class HttpAnswer:
 PageHandler = Callable[[str], HttpAnswer | None]  # the request target -> an answer, or None: not found
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them; extra connections are closed."""
+
+    daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst of connections is accepted (and judged) quickly
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0  # connections closed because every slot was taken
+
+    def process_request(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class HealthServer:
     """/live, /ready and /metrics (and ``pages``, if given) over HTTP on a background thread."""
 
@@ -216,6 +255,9 @@ class HealthServer:
         host: str = "127.0.0.1",
         port: int = 8765,
         pages: PageHandler | None = None,
+        *,
+        idle_timeout_s: float = HEALTH_IDLE_TIMEOUT_S,
+        max_connections: int = HEALTH_MAX_CONNECTIONS,
     ) -> None:
         routes: dict[str, Callable[[], tuple[int, str, str]]] = {
             "/live": lambda: _probe(is_live(), "live"),
@@ -224,6 +266,8 @@ class HealthServer:
         }
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = idle_timeout_s  # socket timeout: a stalled request ends the connection
+
             def do_GET(self) -> None:  # noqa: N802 - name fixed by http.server
                 route = routes.get(self.path.split("?", 1)[0])
                 page = pages(self.path) if pages is not None and route is None else None
@@ -244,8 +288,7 @@ class HealthServer:
                 # Probes hit these endpoints every few seconds: keep them out of the logs.
                 return
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = _BoundedHTTPServer((host, port), Handler, max_connections)
         self._thread = threading.Thread(target=self._server.serve_forever, name="llb-health", daemon=True)
 
     @property

@@ -75,25 +75,58 @@ def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> 
 
 
 class RateLimitedLog:
-    """At most one line per key per interval, reporting how many were suppressed.
+    """Repeated events logged in full only a few times per window, then counted.
+
+    Per key: the first ``burst`` events of each ``interval_s`` window are logged (with their
+    traceback when ``exc_info`` is given); later ones are only counted, and the count is logged as
+    one ``log_suppressed`` line when the window ends: at the key's next event or at the next
+    :meth:`flush` (call it periodically, so the count of a burst that stopped is not lost).
 
     A broken camera can send thousands of bad frames a second; the counters have the totals, the
-    log only needs to say that it is happening and what the last one looked like.
+    log only needs to say that it is happening and what one of them looked like.
     """
 
-    def __init__(self, logger: logging.Logger, interval_s: float = 1.0) -> None:
+    def __init__(self, logger: logging.Logger, interval_s: float = 1.0, burst: int = 1) -> None:
         self._logger = logger
         self._interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._burst = burst
+        self._windows: dict[str, list[Any]] = {}  # key -> [window start, logged, suppressed, event, level]
         self._lock = threading.Lock()
 
-    def log(self, level: int, key: str, event: str, **fields: Any) -> None:
+    def log(
+        self, level: int, key: str, event: str, *, exc_info: BaseException | None = None, **fields: Any
+    ) -> bool:
+        """Log the event unless its key is over its burst in this window; True when logged."""
         now = time.monotonic()
         with self._lock:
-            if now - self._last.get(key, float("-inf")) < self._interval_s:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return
-            self._last[key] = now
-            suppressed = self._suppressed.pop(key, 0)
-        log_event(self._logger, level, event, suppressed=suppressed, **fields)
+            window = self._windows.get(key)
+            summary = None
+            if window is None or now - window[0] >= self._interval_s:
+                summary = self._close(key, window, now)
+                window = self._windows[key] = [now, 0, 0, event, level]
+            if window[1] >= self._burst:
+                window[2] += 1
+                return False
+            window[1] += 1
+        if summary is not None:
+            self._emit_summary(*summary)
+        self._logger.log(level, event, exc_info=exc_info, extra={"fields": fields})
+        return True
+
+    def flush(self) -> None:
+        """Log the counts of windows that ended (e.g. from a periodic timer)."""
+        now = time.monotonic()
+        with self._lock:
+            ended = [key for key, window in self._windows.items() if now - window[0] >= self._interval_s]
+            summaries = [self._close(key, self._windows.pop(key), now) for key in ended]
+        for summary in summaries:
+            if summary is not None:
+                self._emit_summary(*summary)
+
+    def _close(self, key: str, window: list[Any] | None, now: float) -> tuple[str, int, float, str, int] | None:
+        if window is None or window[2] == 0:
+            return None
+        return key, window[2], round(now - window[0], 3), window[3], window[4]
+
+    def _emit_summary(self, key: str, count: int, seconds: float, event: str, level: int) -> None:
+        log_event(self._logger, level, "log_suppressed", key=key, of_event=event, suppressed=count, window_s=seconds)

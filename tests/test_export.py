@@ -78,7 +78,9 @@ def test_bundle_manifest(exported: tuple[Path, list[str]], tiny_run: Path) -> No
     for name, spec in m.files.items():
         assert spec.format == "onnx" and name.endswith(spec.precision)
         assert spec.parity["passed"] and spec.parity["images"] >= parity.MIN_PARITY_IMAGES
+        assert spec.external_data == {}  # single-file graphs; external data would be listed with its sha256
     extra = m.extra
+    assert extra["score_range"] == [0.0, 2.0] and bundle.score_range == (0.0, 2.0)
     assert extra["input"] == {"name": INPUT_NAME, "shape": ["batch", CROP, CROP, 3], "dtype": "uint8",
                               "color": "RGB", "layout": "NHWC"}
     # The recorded training scores belong to the exported model (same random encoder, same weights).

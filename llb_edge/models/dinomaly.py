@@ -54,6 +54,9 @@ ENCODERS: dict[str, EncoderSpec] = {
 # Encoder blocks tapped (0-indexed) and how taps are grouped (indices into the tap list).
 TAP_BLOCKS = (2, 3, 4, 5, 6, 7, 8, 9)
 GROUPS = ((0, 1, 2, 3), (4, 5, 6, 7))
+# Every map value and score is a convex combination of 1 - cos similarities, so it lies in [0, 2]
+# (recorded in bundles as extra.score_range: the runtime range-checks threshold overrides with it).
+SCORE_RANGE = (0.0, 2.0)
 
 
 def encoder_spec(name: str) -> EncoderSpec:

@@ -55,6 +55,7 @@ RESIZE = 72
 CROP = 64
 MAP_SIZE = 16
 THRESHOLD = 0.1
+SCORE_RANGE = [0.0, 0.5]  # map values are |x/255 - 0.5| averaged: never outside [0, 0.5]
 
 
 def export_contract_model(path: Path, *, nan: bool = False, fixed_batch: int | None = None) -> Path:
@@ -121,7 +122,7 @@ def make_bundle(
         score_stats={},
         threshold=Threshold(value=threshold, method="tests", set_by="tests", set_at=utc_now()),
         files={"onnx": ModelFile(path="model.onnx", sha256=sha256_file(target), format="onnx", precision="fp32")},
-        extra=extra or {},
+        extra={"score_range": SCORE_RANGE, **(extra or {})},
     )
     write_manifest(root, manifest)
     return root

@@ -42,7 +42,8 @@ def test_only_allowed_clients_are_processed(tmp_path: Path, bundle_dir: Path) ->
     allowed_dir.mkdir()
     shutil.copy(allowed_client.public, allowed_dir)
 
-    with running_daemon(bundle_dir, curve_secret=server.secret, curve_allowed=allowed_dir) as daemon:
+    curve = {"curve_secret": server.secret, "curve_allowed": allowed_dir, "control_allowed": allowed_dir}
+    with running_daemon(bundle_dir, **curve) as daemon:
         # The allowed client (also allowed to subscribe) gets results.
         with Client.of(daemon, curve_secret=allowed_client.secret, server_public=server.public) as allowed:
             # Frames from an unknown key and from a plain-text client never get in.

@@ -226,8 +226,10 @@ def test_threshold_is_reread_on_reload_and_can_be_overridden(bundle_dir: Path) -
         assert decide(3) == "OK"
 
         reply = send_control(control, "threshold", value=0.15)
-        assert reply == {"ok": True, "threshold": 0.15, "previous": 0.3}
-        assert send_control(control, "threshold") == {"ok": True, "threshold": 0.15, "override": True}
+        assert reply == {"ok": True, "threshold": 0.15, "previous": 0.3, "range": [0.0, 0.5]}
+        assert send_control(control, "threshold") == {
+            "ok": True, "threshold": 0.15, "override": True, "range": [0.0, 0.5]
+        }
         assert decide(4) == "NG"
         status = send_control(control, "status")
         assert status["ok"] and status["model"]["threshold_override"] is True
@@ -248,7 +250,8 @@ def test_hot_reload_under_load_loses_no_frame_and_refuses_broken_bundles(
     unloadable = make_bundle(tmp_path / "bundle-unloadable", garbage)  # checksum matches the garbage
 
     total, cameras = 400, ("cam-a", "cam-b")
-    with running_daemon(bundle_dir, queue_size=total, max_batch=4) as daemon, Client.of(daemon) as client:
+    options = {"queue_size": total, "max_batch": 4, "reload_allow": (tmp_path,)}
+    with running_daemon(bundle_dir, **options) as daemon, Client.of(daemon) as client:
         control = daemon.endpoints["control"]
 
         def produce() -> None:

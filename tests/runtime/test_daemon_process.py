@@ -61,14 +61,16 @@ def test_serves_without_torch_and_reloads_on_sighup(bundle_dir: Path) -> None:
             decisions = {h.frame_id: h.decision for h in client.headers(3)}
         assert decisions == {1: "OK", 2: "NG", 3: "OK"}
 
-        # SIGHUP re-reads bundle.json: an operator raised the threshold above the square's 0.5.
-        set_threshold(bundle_dir, 0.6, set_by="test")
+        # SIGHUP re-reads bundle.json: an operator raised the threshold above a faint mark's 0.21.
+        set_threshold(bundle_dir, 0.3, set_by="test")
         daemon.process.send_signal(signal.SIGHUP)
-        assert daemon.wait_for("reloaded")["threshold"] == 0.6
+        assert daemon.wait_for("reloaded")["threshold"] == 0.3
+        faint = flat_frame(40, 50)
+        faint[10:30, 10:30] = 180  # |180/255 - 0.5| = 0.206: NG at the bundle's 0.1, OK at 0.3
         with Client(serving["intake"], serving["results"]) as client:
-            client.send_frame("cam-a", 4, square_frame(40, 50, (10, 10, 20, 20)))
+            client.send_frame("cam-a", 4, faint)
             (header,) = client.headers(1)
-        assert header.decision == "OK" and header.threshold == 0.6
+        assert header.decision == "OK" and header.threshold == 0.3
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(timeout=20) == 0
     finally:
