@@ -36,7 +36,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llb_edge.bundle import Bundle, BundleError, ModelFile, load_bundle, sha256_file, write_manifest
+from llb_edge.bundle import (
+    Bundle,
+    BundleError,
+    ModelFile,
+    confined_path,
+    load_bundle,
+    sha256_file,
+    write_manifest,
+)
 from llb_edge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from llb_edge.runtime.backends import DEFAULT_MAX_BATCH, Backend, BackendError, BackendOutputs
 from llb_edge.runtime.logs import get_logger, log_event
@@ -159,7 +167,7 @@ def bundle_inspection_model(bundle: Bundle) -> tuple[InspectionModel, str]:
     """(model on CPU, where it came from): the bundle's torch weights file, else its source run."""
     spec = bundle.manifest.files.get(TORCH_WEIGHTS_KEY)
     if spec is not None:
-        return load_inspection_weights(bundle.root / spec.path), spec.path
+        return load_inspection_weights(confined_path(bundle.root, spec.path)), spec.path
     return _model_from_run(bundle), bundle.manifest.source_run
 
 
