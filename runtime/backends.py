@@ -5,11 +5,16 @@ crop size, outputs the anomaly map float32 [B, 1, M, M], score [B] and score_max
 
 Selection (``create_backend(bundle, "auto")``): a TensorRT engine from the bundle when ``tensorrt``
 imports and the engine deserialises on this GPU, else ONNX Runtime with the CUDA provider when
-onnxruntime-gpu is installed, else ONNX Runtime on CPU. Each failed candidate is logged with its
-reason, so a line PC that silently fell back to CPU is visible in the logs and in /metrics.
+onnxruntime-gpu is installed, else OpenVINO on the CPU when ``openvino`` imports and the bundle
+holds variants built and gated on this CPU (fastest first: runtime/openvino_backend.py), else
+ONNX Runtime on CPU. OpenVINO on the plain fp32 graph is as fast as ONNX Runtime (issue 17), so
+auto does not switch engines for it; ``--backend openvino`` asks for it. Each failed candidate
+is logged with its reason, so a line PC that silently fell back to CPU is visible in the logs and
+in /metrics.
 
-No torch at module level: the line PC may not have it. onnxruntime and tensorrt are imported when a
-backend is created, so the protocol tools (replay, watch) import this package without them.
+No torch at module level: the line PC may not have it. onnxruntime, openvino and tensorrt are
+imported when a backend is created, so the protocol tools (replay, watch) import this package
+without them.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from llb_edge.bundle import INPUT_NAME, MAP_OUTPUT, MAX_OUTPUT, SCORE_OUTPUT, Bu
 from llb_edge.errors import LLBEdgeError
 from llb_edge.runtime.logs import get_logger, log_event
 
-BACKEND_CHOICES = ("auto", "tensorrt", "ort-cuda", "ort-cpu")
+BACKEND_CHOICES = ("auto", "tensorrt", "ort-cuda", "openvino", "ort-cpu")
 DEFAULT_MAX_BATCH = 16
 
 BackendOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -36,6 +41,13 @@ logger = get_logger("backends")
 
 class BackendError(LLBEdgeError, RuntimeError):
     """A backend that cannot be created or a model that fails its self-check."""
+
+
+def pad_batch(batch: np.ndarray, fixed_batch: int | None) -> np.ndarray:
+    """``batch`` padded with black images to ``fixed_batch``: a graph with a fixed batch takes only that many."""
+    if fixed_batch is None or len(batch) >= fixed_batch:
+        return batch
+    return np.concatenate([batch, np.zeros((fixed_batch - len(batch), *batch.shape[1:]), dtype=batch.dtype)])
 
 
 class Backend(ABC):
@@ -110,9 +122,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _run_chunk(self, batch: np.ndarray) -> BackendOutputs:
         count = len(batch)
-        if self._fixed_batch is not None and count < self._fixed_batch:
-            padding = np.zeros((self._fixed_batch - count, *batch.shape[1:]), dtype=batch.dtype)
-            batch = np.concatenate([batch, padding])
+        batch = pad_batch(batch, self._fixed_batch)
         maps, scores, maxes = self._session.run([MAP_OUTPUT, SCORE_OUTPUT, MAX_OUTPUT], {INPUT_NAME: batch})
         return (
             np.asarray(maps, dtype=np.float32)[:count],
@@ -249,9 +259,7 @@ class TensorRTBackend(Backend):
 
     def _run_chunk(self, batch: np.ndarray) -> BackendOutputs:
         count = len(batch)
-        if self._fixed_batch is not None and count < self._fixed_batch:
-            batch = np.concatenate([batch, np.zeros((self._fixed_batch - count, *batch.shape[1:]), batch.dtype)])
-        batch = np.ascontiguousarray(batch)
+        batch = np.ascontiguousarray(pad_batch(batch, self._fixed_batch))
         run_batch = len(batch)
         self._context.set_input_shape(INPUT_NAME, (run_batch, *self._image_shape))
         self._memory.to_device(self._pointers[INPUT_NAME], batch)
@@ -285,6 +293,38 @@ def _tensorrt_importable() -> bool:
     return True
 
 
+def _openvino_importable() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _openvino_candidates(bundle: Bundle, with_fp32_graph: bool) -> list[tuple[str, Path, str]]:
+    """(reason to skip or "", file, precision) of the OpenVINO variants, usable ones fastest first.
+
+    Gated variants built for this CPU and OpenVINO version come first, ordered by the speed
+    measured when they were gated; then, ``with_fp32_graph``, the bundle's fp32 graph (no gate
+    needed: full precision).
+    """
+    from llb_edge.runtime import openvino_backend as ov_backend
+
+    cpu, version = ov_backend.detect_cpu(), ov_backend.openvino_version()
+    variants: list[tuple[str, Path, str, float]] = []
+    for spec in bundle.manifest.files.values():
+        if spec.format != ov_backend.FORMAT:
+            continue
+        reason = ov_backend.target_mismatch(spec.target, cpu, version) or ""
+        if not reason and not spec.parity.get("passed"):
+            reason = "its decision gate did not pass"
+        speed = float(spec.target.get("ms_per_image") or math.inf)
+        variants.append((reason, bundle.root / spec.path, spec.precision, speed))
+    variants.sort(key=lambda variant: (bool(variant[0]), variant[3]))
+    fallback = [("", path, "fp32") for path in _model_files(bundle, "onnx", "fp32")[:1]] if with_fp32_graph else []
+    return [(reason, path, precision) for reason, path, precision, _ in variants] + fallback
+
+
 def _ort_cuda_available() -> bool:
     try:
         import onnxruntime as ort
@@ -300,7 +340,7 @@ def create_backend(
     max_batch: int = DEFAULT_MAX_BATCH,
     intra_op_threads: int | None = None,
 ) -> Backend:
-    """The backend for ``bundle``: ``choice`` is auto, tensorrt, ort-cuda or ort-cpu.
+    """The backend for ``bundle``: ``choice`` is auto, tensorrt, ort-cuda, openvino or ort-cpu.
 
     With auto, candidates are tried in speed order and the first that loads wins; an explicit
     choice fails with the reason instead of falling back, so a misconfigured GPU box is not
@@ -308,20 +348,34 @@ def create_backend(
     """
     if choice not in BACKEND_CHOICES:
         raise BackendError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {choice!r}")
-    candidates: list[tuple[str, Path]] = []
+    candidates: list[tuple[str, Path, str]] = []  # (backend, file, OpenVINO precision)
+    failures: list[str] = []
     if choice in ("auto", "tensorrt") and (choice == "tensorrt" or _tensorrt_importable()):
-        candidates += [("tensorrt", path) for path in _model_files(bundle, "tensorrt", "fp16")]
+        candidates += [("tensorrt", path, "") for path in _model_files(bundle, "tensorrt", "fp16")]
     if choice in ("auto", "ort-cuda") and (choice == "ort-cuda" or _ort_cuda_available()):
-        candidates += [("ort-cuda", path) for path in _model_files(bundle, "onnx", "fp16")]
+        candidates += [("ort-cuda", path, "") for path in _model_files(bundle, "onnx", "fp16")]
+    if choice == "openvino" and not _openvino_importable():
+        raise BackendError("backend openvino: OpenVINO is not installed here (pip install 'llb-edge[openvino]')")
+    if choice in ("auto", "openvino") and _openvino_importable():
+        for reason, path, precision in _openvino_candidates(bundle, with_fp32_graph=choice == "openvino"):
+            if reason:  # built for another CPU or OpenVINO: log it, as a failed candidate
+                failures.append(f"openvino-{precision} {path.name}: {reason}")
+                log_event(logger, logging.INFO, "backend_unavailable", backend=f"openvino-{precision}",
+                          file=str(path), reason=reason)
+            else:
+                candidates.append(("openvino", path, precision))
     if choice in ("auto", "ort-cpu"):
-        candidates += [("ort-cpu", path) for path in _model_files(bundle, "onnx", "fp32")]
+        candidates += [("ort-cpu", path, "") for path in _model_files(bundle, "onnx", "fp32")]
     if not candidates:
         raise BackendError(f"bundle {bundle.root} has no model file usable by backend {choice!r}")
-    failures: list[str] = []
-    for kind, path in candidates:
+    for kind, path, precision in candidates:
         try:
             if kind == "tensorrt":
                 return TensorRTBackend(path, max_batch=max_batch)
+            if kind == "openvino":
+                from llb_edge.runtime.openvino_backend import OpenVinoBackend
+
+                return OpenVinoBackend(path, precision=precision, max_batch=max_batch, threads=intra_op_threads)
             device = "cuda" if kind == "ort-cuda" else "cpu"
             return OnnxRuntimeBackend(path, device=device, max_batch=max_batch, intra_op_threads=intra_op_threads)
         except BackendError as err:
