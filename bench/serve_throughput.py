@@ -776,7 +776,7 @@ def parse_args() -> argparse.Namespace:
     )
     serve = parser.add_argument_group("daemon")
     serve.add_argument("--backend", default="auto",
-                       help="auto | tensorrt | ort-cuda | ort-cpu | torch-cuda | torch-cpu.")
+                       help="auto | tensorrt | ort-cuda | openvino | ort-cpu | torch-cuda | torch-cpu.")
     serve.add_argument("--max-batch", type=int, default=8)
     serve.add_argument("--max-wait-ms", type=float, default=2.0)
     serve.add_argument("--queue-size", type=int, default=8, help="Frames per camera (keep-newest).")

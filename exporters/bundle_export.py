@@ -9,10 +9,14 @@ Steps, each of which can refuse the export (nothing is left behind when one does
 5. the threshold for the target false-reject rate from the run's held-back calibration scores
    (exporters/threshold.py), and with labelled validation images the F1-max candidate and the
    measured false-reject and escape rates at the chosen threshold;
-6. TensorRT engines when asked for and TensorRT imports (exporters/tensorrt.py; engines are built
+6. the decision gate of the fp16 graph on ONNX Runtime CPU (exporters/parity.py) on the gate
+   images, stored in the bundle with the INT8 calibration images (kept training images) so that
+   CPU variants can be built and gated on a line PC later;
+7. TensorRT engines when asked for and TensorRT imports (exporters/tensorrt.py; engines are built
    on the target machine: there, `llb-edge export RUN_DIR --format tensorrt`, or
-   :func:`add_tensorrt_engine` on a copied bundle);
-7. bundle.json (llb_edge.bundle schema, docs/bundle.md) with every file's sha256 and parity figures.
+   :func:`add_tensorrt_engine` on a copied bundle); OpenVINO CPU variants when asked for
+   (``--format openvino``, exporters/openvino.py; also built on the target machine);
+8. bundle.json (llb_edge.bundle schema, docs/bundle.md) with every file's sha256 and parity figures.
 
 The bundle is assembled in a hidden sibling folder and moved into place at the end, so a failed or
 interrupted export never leaves a half bundle where the runtime would look for one.
@@ -42,7 +46,6 @@ from llb_edge.bundle import (
     SCORE_OUTPUT,
     SCORE_RANGE_KEY,
     Bundle,
-    BundleError,
     BundleManifest,
     ModelFile,
     Preprocessing,
@@ -60,7 +63,8 @@ from llb_edge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Geometry
 from llb_edge.exporters import parity
 from llb_edge.exporters.lint import LintError, check_model
 from llb_edge.exporters.onnx_export import PRECISIONS, ExportError, export_onnx
-from llb_edge.exporters.parity import ParityError
+from llb_edge.exporters.openvino import DEFAULT_CALIBRATION_IMAGES, DEFAULT_GATE_IMAGES, add_openvino_variants
+from llb_edge.exporters.parity import PARITY_IMAGES_FILE, ParityError, bundle_parity_images
 from llb_edge.exporters.tensorrt import (
     DEFAULT_WORKSPACE_BYTES,
     BatchProfile,
@@ -85,11 +89,15 @@ from llb_edge.exporters.threshold import (
     read_train_scores,
 )
 from llb_edge.models.dinomaly import SCORE_RANGE
+from llb_edge.runtime.openvino_backend import PRECISIONS as OPENVINO_PRECISIONS
+from llb_edge.runtime.openvino_backend import import_openvino
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "tensorrt")
-PARITY_IMAGES_FILE = "parity_images.npy"
+FORMATS = ("onnx", "tensorrt", "openvino")
+# "all": every GPU format. OpenVINO variants are asked for by name: they are built and gated for
+# the CPU that will run them, which the training machine rarely is.
+ALL_FORMATS = ("onnx", "tensorrt")
 EXPORTED_BY = "llb-edge export"
 # Exported scores on kept training images vs train_scores.json: above this, warn that the bundle's
 # threshold statistics may not belong to the exported model (e.g. a run trained with bf16 features).
@@ -107,10 +115,10 @@ def resolve_formats(formats: str | Sequence[str]) -> tuple[list[str], bool]:
         formats = [formats]
     wanted = [f.strip().lower() for f in formats]
     if "all" in wanted:
-        return list(FORMATS), True
+        return list(ALL_FORMATS), True
     unknown = sorted(set(wanted) - set(FORMATS))
     if unknown or not wanted:
-        raise ExportError(f"unknown export format(s) {unknown or wanted}; choose from onnx, tensorrt, all")
+        raise ExportError(f"unknown export format(s) {unknown or wanted}; choose from onnx, tensorrt, openvino, all")
     return [f for f in FORMATS if f in wanted], False
 
 
@@ -194,6 +202,46 @@ def parity_image_set(
                           f"{parity.MIN_PARITY_IMAGES}); pass images_for_parity (--parity-images)")
     paths = [s.path for s in candidates]
     return _load_images(paths, geometry), paths
+
+
+def decision_image_sets(
+    run_dir: Path, cfg: RunConfig, gate_count: int, calibration_count: int
+) -> tuple[tuple[np.ndarray, list[str]], tuple[np.ndarray, list[str]]]:
+    """((gate images, paths), (calibration images, paths)) for the decision gate and INT8 calibration.
+
+    Calibration: an even spread of the run's kept training images (what the model calls normal).
+    Gate: an even normal/defect spread of the test split, plus a third of kept training images the
+    calibration did not use (the threshold is a quantile of their scores, so they sit near it:
+    where a flipped decision is a false NG on a good part). Test split unreadable here: training only.
+    """
+    from llb_edge.runs import TRAIN_LIST
+
+    kept = [s for s in load_sample_list(run_dir / TRAIN_LIST) if Path(s.path).is_file()]
+    chosen = set(parity.spread_indices([NORMAL] * len(kept), calibration_count))
+    calibration = [kept[i] for i in sorted(chosen)]
+    unused = [s for i, s in enumerate(kept) if i not in chosen]
+    unused = [unused[i] for i in parity.spread_indices([NORMAL] * len(unused), gate_count // 3)]
+    test: list[Sample] = []
+    try:
+        _, split_test = run_split_samples(cfg)
+        split_test = [s for s in split_test if Path(s.path).is_file()]
+        test = [split_test[i] for i in parity.spread_indices([s.label for s in split_test], gate_count - len(unused))]
+    except Exception as err:  # noqa: BLE001 - any reader failure: gate on training images only
+        log.warning("cannot read the run's test split for the decision gate (%s); using training images", err)
+    gate = test + unused
+    if len(gate) < parity.MIN_PARITY_IMAGES:
+        gate += calibration  # a tiny run: better gated on the calibration images than not at all
+    geometry = Geometry(cfg.data.resize, cfg.data.crop)
+    gate_paths, calibration_paths = [s.path for s in gate], [s.path for s in calibration]
+    return (_load_images(gate_paths, geometry), gate_paths), (_load_images(calibration_paths, geometry),
+                                                              calibration_paths)
+
+
+def store_image_set(root: Path, image_set: tuple[str, str], images: np.ndarray, sources: list[str]) -> dict[str, Any]:
+    """Save an image set into the bundle folder; returns its bundle.json extra entry."""
+    _, file_name = image_set
+    np.save(root / file_name, images)
+    return {"path": file_name, "sha256": sha256_file(root / file_name), "count": int(len(images)), "sources": sources}
 
 
 def validation_samples(run_dir: Path, cfg: RunConfig, validation: str | Path | Sequence[Sample]) -> list[Sample]:
@@ -358,12 +406,17 @@ def export_bundle(
     engine_profile: BatchProfile | None = None,
     engine_cache_dir: str | Path | None = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    gate_count: int = DEFAULT_GATE_IMAGES,
+    calibration_count: int = DEFAULT_CALIBRATION_IMAGES,
+    openvino_precisions: Sequence[str] = OPENVINO_PRECISIONS,
 ) -> Bundle:
     """Export the final model of ``run_dir`` into the bundle folder ``out_dir``; returns the loaded bundle.
 
     formats: "onnx", "tensorrt" or "all" (or a list). TensorRT bundles always carry the ONNX
     graphs too (the engine's source, the parity reference and the runtime's fallback). With
     "tensorrt" a missing TensorRT is an error; with "all" it is a warning and the engines are skipped.
+    "openvino" adds the OpenVINO CPU variants ``openvino_precisions`` that pass the decision gate on
+    this machine (rejected ones are warned about and recorded, not served).
     precisions: ONNX precisions; fp32 is required (CPU runtime and parity reference).
     validation: labelled images for the F1-max candidate and the measured false-reject and escape
     rates: Samples, a JSONL sample list, or "test".
@@ -385,6 +438,8 @@ def export_bundle(
         raise ExportError(f"the target false-reject rate must be in (0, 1), got {target_frr}")
     _prepare_out_dir(out_dir, overwrite)
     wanted, skipped = _tensorrt_available(wanted, tensorrt_optional)
+    if "openvino" in wanted:
+        import_openvino()  # fail before the slow steps, with the install hint
     if "tensorrt" in wanted and "fp16" not in precisions and engine_precision == "fp16":
         precisions.append("fp16")  # strongly typed fp16 builds parse the fp16 graph
 
@@ -428,7 +483,16 @@ def export_bundle(
 
         np.save(staging / PARITY_IMAGES_FILE, images)
         threshold = choose_threshold(run_dir, cfg, onnx_paths["fp32"], validation, threshold_method, target_frr,
-                               threshold_margin)
+                                     threshold_margin)
+        (gate_images, gate_sources), (calibration, calibration_sources) = decision_image_sets(
+            run_dir, cfg, gate_count, calibration_count)
+        if "fp16" in onnx_paths:  # ONNX Runtime fp16 on a CPU: the reduced-precision decision gate
+            gate_reference = parity.run_onnxruntime(onnx_paths["fp32"], gate_images)
+            decisions = parity.require(parity.check_decisions(
+                gate_reference, parity.run_onnxruntime(onnx_paths["fp16"], gate_images), threshold.chosen.value,
+                "fp16", "onnxruntime-cpu-fp16"))
+            log.info("model_fp16.onnx decisions: %s", decisions.summary())
+            files[onnx_file_name("fp16")[0]].parity["decisions"] = decisions.to_dict()
         trained = run_dir / MODEL
         extra: dict[str, Any] = {
             "input": {"name": INPUT_NAME, "shape": ["batch", cfg.data.crop, cfg.data.crop, 3], "dtype": "uint8",
@@ -441,6 +505,9 @@ def export_bundle(
             "threshold_candidates": threshold.candidates,
             "parity_images": {"path": PARITY_IMAGES_FILE, "sha256": sha256_file(staging / PARITY_IMAGES_FILE),
                               "count": int(len(images)), "sources": image_sources},
+            parity.GATE_IMAGES[0]: store_image_set(staging, parity.GATE_IMAGES, gate_images, gate_sources),
+            parity.CALIBRATION_IMAGES[0]: store_image_set(staging, parity.CALIBRATION_IMAGES, calibration,
+                                                        calibration_sources),
             "train_scores_check": _train_score_check(run_dir, onnx_paths["fp32"], geometry),
             "onnx": exports,
             "lint_warnings": lint_notes,
@@ -465,6 +532,11 @@ def export_bundle(
         extra["export_seconds"] = round(time.perf_counter() - started, 1)
         manifest = _manifest(run_dir, cfg, metadata, model_id, model_version, threshold, files, extra)
         write_manifest(staging, manifest)
+        if "openvino" in wanted:
+            _, rejected = add_openvino_variants(staging, tuple(openvino_precisions), engine_cache_dir)
+            for precision, report in rejected.items():
+                warnings.warn(f"OpenVINO {precision} rejected by the decision gate, not added: {report.summary()} "
+                              f"({'; '.join(report.failures)})", stacklevel=2)
         _move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -473,17 +545,6 @@ def export_bundle(
     log.info("bundle %s written in %.1f s (threshold %.6g, %s)", out_dir, time.perf_counter() - started,
              threshold.chosen.value, threshold.chosen.description)
     return bundle
-
-
-def bundle_parity_images(bundle: Bundle) -> np.ndarray:
-    """The parity images stored in a bundle, checksum-verified."""
-    info = bundle.manifest.extra.get("parity_images") or {}
-    path = bundle.root / str(info.get("path", PARITY_IMAGES_FILE))
-    if not path.is_file():
-        raise BundleError(f"bundle {bundle.root} has no parity images ({path.name}); re-export it")
-    if info.get("sha256") and sha256_file(path) != info["sha256"]:
-        raise BundleError(f"{path} fails its checksum; the bundle is corrupt, re-export it")
-    return np.load(path, allow_pickle=False)
 
 
 def add_tensorrt_engine(

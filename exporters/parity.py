@@ -24,6 +24,16 @@ hence 0.99.
 
 The gate also compares ONNX Runtime with another backend (a TensorRT engine) with the same rules:
 :func:`check_backend_parity`.
+
+Reduced-precision variants served on a CPU (ONNX Runtime fp16, OpenVINO bf16 and INT8) must also
+pass the *decision gate* (:func:`check_decisions`), against ONNX Runtime fp32 on a larger set of
+real images (test and kept training images stored in the bundle): Spearman's rho of the scores
+>= 0.999 and OK/NG agreement at the bundle threshold >= 99.5%, besides the map and score bounds
+of the variant's precision. Those are what the line sees: a variant that ranks parts differently
+or flips decisions is refused however fast it is. On n images, 99.5% allows floor(0.005 n)
+flipped decisions: none below 200 images. bf16 keeps 8 bits of mantissa and INT8 quantises
+weights and activations, so their map bounds are wider than fp16's; the decision figures carry
+the weight.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llb_edge.bundle import INPUT_NAME, MAP_OUTPUT, MAX_OUTPUT, SCORE_OUTPUT
+from llb_edge.bundle import INPUT_NAME, MAP_OUTPUT, MAX_OUTPUT, SCORE_OUTPUT, Bundle, BundleError, sha256_file
 from llb_edge.errors import LLBEdgeError
 
 if TYPE_CHECKING:
@@ -49,17 +59,33 @@ Runner = Callable[[np.ndarray], Outputs]
 MIN_PARITY_IMAGES = 4
 DEFAULT_PARITY_IMAGES = 8
 
+# Real images stored in a bundle (uint8 [N, crop, crop, 3] model inputs), so gates and builds run
+# on a line PC that has the bundle but not the training data: bundle.json extra key -> file name.
+PARITY_IMAGES = ("parity_images", "parity_images.npy")  # the parity gate (test images)
+GATE_IMAGES = ("gate_images", "gate_images.npy")  # the decision gate (test and kept training images)
+CALIBRATION_IMAGES = ("calibration_images", "calibration_images.npy")  # INT8 calibration (kept training)
+PARITY_IMAGES_FILE = PARITY_IMAGES[1]
+
+
+# The decision gate of reduced-precision CPU variants (module docstring).
+DECISION_MIN_SPEARMAN = 0.999
+DECISION_MIN_AGREEMENT = 0.995
+
 
 @dataclass(frozen=True)
 class ParityTolerance:
     map_max_abs: float
     score_max_abs: float
     min_spearman: float
+    # OK/NG agreement with the reference at the bundle threshold; None: decisions not compared.
+    min_agreement: float | None = None
 
 
 TOLERANCES: dict[str, ParityTolerance] = {
     "fp32": ParityTolerance(map_max_abs=1e-4, score_max_abs=1e-4, min_spearman=0.999),
     "fp16": ParityTolerance(map_max_abs=1e-2, score_max_abs=5e-3, min_spearman=0.99),
+    "bf16": ParityTolerance(map_max_abs=5e-2, score_max_abs=2e-2, min_spearman=DECISION_MIN_SPEARMAN),
+    "int8": ParityTolerance(map_max_abs=5e-2, score_max_abs=2e-2, min_spearman=DECISION_MIN_SPEARMAN),
 }
 
 
@@ -81,17 +107,29 @@ class ParityReport:
     tolerance: ParityTolerance
     passed: bool
     failures: list[str] = field(default_factory=list)
+    # Decision figures, when the tolerance compares decisions: the threshold, the fraction of
+    # images with the same OK/NG answer, how many differ and how many the reference calls NG.
+    threshold: float | None = None
+    agreement: float | None = None
+    disagreements: int | None = None
+    reference_ng: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
-        for key in ("map_max_abs", "score_max_abs", "score_max_max_abs", "spearman"):
-            values[key] = float(f"{values[key]:.4g}")
+        for key in ("map_max_abs", "score_max_abs", "score_max_max_abs", "spearman", "agreement"):
+            if values[key] is not None:
+                values[key] = float(f"{values[key]:.4g}")
         return values
 
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
+        decisions = ""
+        if self.agreement is not None:
+            decisions = (f", OK/NG agreement {self.agreement:.2%} ({self.disagreements} of {self.images} differ, "
+                         f"threshold {self.threshold:.6g})")
         return (f"{verdict} {self.candidate} vs {self.reference} on {self.images} images: map max |diff| "
-                f"{self.map_max_abs:.3g}, score max |diff| {self.score_max_abs:.3g}, Spearman {self.spearman:.5f}")
+                f"{self.map_max_abs:.3g}, score max |diff| {self.score_max_abs:.3g}, Spearman {self.spearman:.5f}"
+                f"{decisions}")
 
 
 class ParityError(LLBEdgeError, RuntimeError):
@@ -135,9 +173,16 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare_outputs(
-    reference: Outputs, candidate: Outputs, tolerance: ParityTolerance, reference_name: str, candidate_name: str
+    reference: Outputs, candidate: Outputs, tolerance: ParityTolerance, reference_name: str, candidate_name: str,
+    threshold: float | None = None,
 ) -> ParityReport:
-    """Measure the differences and apply ``tolerance``. Non-finite candidate outputs always fail."""
+    """Measure the differences and apply ``tolerance``. Non-finite candidate outputs always fail.
+
+    A tolerance with ``min_agreement`` also compares OK/NG decisions (``score >= threshold`` is NG,
+    as on the line) and needs ``threshold``.
+    """
+    if tolerance.min_agreement is not None and threshold is None:
+        raise ValueError("comparing decisions needs the bundle threshold")
     ref_map, ref_score, ref_max = (np.asarray(x, dtype=np.float64) for x in reference)
     cand_map, cand_score, cand_max = (np.asarray(x, dtype=np.float64) for x in candidate)
     if ref_map.shape != cand_map.shape or ref_score.shape != cand_score.shape:
@@ -159,10 +204,22 @@ def compare_outputs(
         failures.append(f"score_max max |diff| {max_diff:.3g} > {tolerance.map_max_abs:g}")
     if rho < tolerance.min_spearman:
         failures.append(f"Spearman {rho:.5f} < {tolerance.min_spearman:g}")
+    decisions: dict[str, Any] = {}
+    if tolerance.min_agreement is not None and threshold is not None:
+        reference_ng = ref_score >= threshold
+        # A non-finite score decides nothing: count it as a flipped decision.
+        flipped = ((cand_score >= threshold) != reference_ng) | ~np.isfinite(cand_score)
+        differ = int(np.count_nonzero(flipped))
+        agreement = 1.0 - differ / len(ref_score)
+        decisions = {"threshold": float(threshold), "agreement": agreement, "disagreements": differ,
+                     "reference_ng": int(np.count_nonzero(reference_ng))}
+        if agreement < tolerance.min_agreement:
+            failures.append(f"OK/NG agreement {agreement:.2%} < {tolerance.min_agreement:.1%} "
+                            f"({differ} of {len(ref_score)} images decided differently)")
     return ParityReport(
         reference=reference_name, candidate=candidate_name, images=int(len(ref_score)), map_max_abs=map_diff,
         score_max_abs=score_diff, score_max_max_abs=max_diff, spearman=rho, tolerance=tolerance,
-        passed=not failures, failures=failures,
+        passed=not failures, failures=failures, **decisions,
     )
 
 
@@ -250,18 +307,44 @@ def check_backend_parity(
     candidate_name: str = "tensorrt",
     reference: Outputs | None = None,
     batch_size: int = 8,
+    threshold: float | None = None,
 ) -> ParityReport:
     """Another backend (``run_candidate``, e.g. a TensorRT engine) vs ONNX Runtime on ``onnx_path``.
 
     ``onnx_path`` should be the fp32 graph: the engine is then held to the same bar as the fp16
-    ONNX file against the trained model. ``precision`` picks the tolerance (the engine's).
+    ONNX file against the trained model. ``precision`` picks the tolerance (the engine's). With
+    ``threshold`` (the bundle's) the candidate faces the decision gate (:func:`check_decisions`).
     """
     images = _check_images(images)
     if reference is None:
         reference = run_onnxruntime(onnx_path, images, batch_size)
     candidate = _batched(run_candidate, images, batch_size)
+    if threshold is not None:
+        return check_decisions(reference, candidate, threshold, precision, f"{candidate_name}-{precision}")
     return compare_outputs(reference, candidate, tolerance_for(precision), "onnxruntime-fp32",
                            f"{candidate_name}-{precision}")
+
+
+def decision_tolerance(precision: str) -> ParityTolerance:
+    """The decision gate for a reduced-precision variant: its precision's bounds, plus rank and OK/NG rules."""
+    base = tolerance_for(precision)
+    return ParityTolerance(map_max_abs=base.map_max_abs, score_max_abs=base.score_max_abs,
+                           min_spearman=max(base.min_spearman, DECISION_MIN_SPEARMAN),
+                           min_agreement=DECISION_MIN_AGREEMENT)
+
+
+def check_decisions(
+    reference: Outputs, candidate: Outputs, threshold: float, precision: str, candidate_name: str,
+    reference_name: str = "onnxruntime-fp32",
+) -> ParityReport:
+    """The decision gate (module docstring): ``candidate`` vs the fp32 ``reference`` outputs; does not raise.
+
+    Both are outputs on the same real images (at least MIN_PARITY_IMAGES of them).
+    """
+    if len(np.asarray(reference[1]).reshape(-1)) < MIN_PARITY_IMAGES:
+        raise ValueError(f"the decision gate needs at least {MIN_PARITY_IMAGES} real images")
+    return compare_outputs(reference, candidate, decision_tolerance(precision), reference_name, candidate_name,
+                           threshold=threshold)
 
 
 def require(report: ParityReport) -> ParityReport:
@@ -269,6 +352,23 @@ def require(report: ParityReport) -> ParityReport:
     if not report.passed:
         raise ParityError(report)
     return report
+
+
+def bundle_images(bundle: Bundle, image_set: tuple[str, str] = PARITY_IMAGES) -> np.ndarray:
+    """One of the image sets stored in a bundle (``PARITY_IMAGES``, ...), checksum-verified."""
+    key, default_file = image_set
+    info = bundle.manifest.extra.get(key) or {}
+    path = bundle.root / str(info.get("path", default_file))
+    if not path.is_file():
+        raise BundleError(f"bundle {bundle.root} has no {key.replace('_', ' ')} ({path.name}); re-export it")
+    if info.get("sha256") and sha256_file(path) != info["sha256"]:
+        raise BundleError(f"{path} fails its checksum; the bundle is corrupt, re-export it")
+    return np.load(path, allow_pickle=False)
+
+
+def bundle_parity_images(bundle: Bundle) -> np.ndarray:
+    """The parity images stored in a bundle, checksum-verified."""
+    return bundle_images(bundle, PARITY_IMAGES)
 
 
 def spread_indices(labels: Sequence[int], count: int) -> list[int]:

@@ -153,7 +153,8 @@ def serve(
     ),
     health_port: Annotated[str, typer.Option(help="Port of the health server; 0 any free; 'off'.")] = "8765",
     backend: Annotated[str, typer.Option(
-        help="auto | tensorrt | ort-cuda | ort-cpu | torch-cuda | torch-cpu (the torch ones need torch).")] = "auto",
+        help="auto | tensorrt | ort-cuda | openvino | ort-cpu | torch-cuda | torch-cpu (the torch ones need torch)."
+    )] = "auto",
     max_batch: Annotated[int, typer.Option(help="Largest batch the dynamic batcher forms.")] = 8,
     max_wait_ms: Annotated[float, typer.Option(help="How long the oldest frame may wait for a batch.")] = 2.0,
     queue_size: Annotated[int, typer.Option(help="Frames queued per camera before keep-newest drops.")] = 8,
@@ -174,7 +175,8 @@ def serve(
         help="A folder reloads may load bundles from, besides BUNDLE (repeatable).")] = None,
     camera_idle_s: Annotated[float, typer.Option(
         help="Seconds without frames after which a camera gives up its slot.")] = 300.0,
-    ort_threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all).")] = None,
+    ort_threads: Annotated[int | None, typer.Option(
+        help="ONNX Runtime intra-op (or OpenVINO inference) threads (default: all).")] = None,
     capture_pool: Annotated[Path | None, typer.Option(help="Capture sampled frames into this pool folder.")] = None,
     capture_rate: Annotated[float, typer.Option(help="Fraction of each camera's frames captured.")] = 0.0,
     capture_camera_rate: Annotated[list[str] | None, typer.Option(
@@ -419,7 +421,8 @@ def bench_contamination(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle folder to create.")],
-    format: Annotated[str, typer.Option("--format", help="onnx | tensorrt | all.")] = "onnx",
+    format: Annotated[str, typer.Option("--format", help="onnx | tensorrt | openvino | all (onnx + tensorrt).")] = (
+        "onnx"),
     precision: Annotated[list[str] | None, typer.Option(help="ONNX precisions (repeatable): fp32, fp16.")] = None,
     model_id: Annotated[str | None, typer.Option(help="Model id (default: the run name).")] = None,
     model_version: Annotated[str | None, typer.Option(help="Model version (default: a UTC timestamp).")] = None,
@@ -540,14 +543,34 @@ def bundle_set_threshold(
 @bundle_app.command("build-engine")
 def bundle_build_engine(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder holding the ONNX graphs.")],
-    precision: Annotated[str, typer.Option(help="fp16 | fp32.")] = "fp16",
+    engine: Annotated[str, typer.Option(help="tensorrt (GPU) | openvino (CPU variants).")] = "tensorrt",
+    precision: Annotated[list[str] | None, typer.Option(
+        help="tensorrt: fp16 (default) | fp32. openvino (repeatable): fp32, bf16, int8 (default: all three).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Engine and timing cache folder.")] = None,
 ) -> None:
-    """Build a TensorRT engine on this machine from the bundle's ONNX and add it (parity-gated)."""
-    from llb_edge.exporters.bundle_export import add_tensorrt_engine
+    """Build engines on this machine from the bundle's ONNX and add them, gated.
 
+    TensorRT: one engine, parity-gated against ONNX Runtime. OpenVINO: CPU variants, each added only
+    if it passes the decision gate on the bundle's stored real images (docs/bundle.md); needs no torch.
+    """
     try:
-        show_bundle(add_tensorrt_engine(bundle_dir, precision=precision, cache_dir=cache_dir))
+        if engine == "openvino":
+            from llb_edge.exporters.openvino import add_openvino_variants
+            from llb_edge.runtime.openvino_backend import PRECISIONS
+
+            bundle, rejected = add_openvino_variants(bundle_dir, tuple(precision or PRECISIONS), cache_dir)
+            show_bundle(bundle)
+            if rejected:
+                fail("rejected by the decision gate, not added: " + "; ".join(
+                    f"{report.summary()} ({'; '.join(report.failures)})" for report in rejected.values()))
+            return
+        if engine != "tensorrt":
+            fail(f"--engine must be tensorrt or openvino, got {engine!r}")
+        if len(precision or []) > 1:
+            fail("a TensorRT build takes one --precision")
+        from llb_edge.exporters.bundle_export import add_tensorrt_engine
+
+        show_bundle(add_tensorrt_engine(bundle_dir, precision=(precision or ["fp16"])[0], cache_dir=cache_dir))
     except USER_ERRORS as err:
         fail(str(err))
 

@@ -5,11 +5,16 @@ crop size, outputs the anomaly map float32 [B, 1, M, M], score [B] and score_max
 
 Selection (``create_backend(bundle, "auto")``): a TensorRT engine from the bundle when ``tensorrt``
 imports and the engine deserialises on this GPU, else ONNX Runtime with the CUDA provider when
-onnxruntime-gpu is installed, else ONNX Runtime on CPU. Each failed candidate is logged with its
-reason, so a line PC that silently fell back to CPU is visible in the logs and in /metrics.
+onnxruntime-gpu is installed, else OpenVINO on the CPU when ``openvino`` imports and the bundle
+holds variants built and gated on this CPU (fastest first: runtime/openvino_backend.py), else
+ONNX Runtime on CPU. OpenVINO on the plain fp32 graph is as fast as ONNX Runtime (issue 17), so
+auto does not switch engines for it; ``--backend openvino`` asks for it. Each failed candidate
+is logged with its reason, so a line PC that silently fell back to CPU is visible in the logs and
+in /metrics.
 
-No torch at module level: the line PC may not have it. onnxruntime and tensorrt are imported when a
-backend is created, so the protocol tools (replay, watch) import this package without them.
+No torch at module level: the line PC may not have it. onnxruntime, openvino and tensorrt are
+imported when a backend is created, so the protocol tools (replay, watch) import this package
+without them.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from llb_edge.runtime.logs import get_logger, log_event
 
 # torch-cuda / torch-cpu (runtime/torch_backend.py) are explicit choices only: auto never imports torch.
 TORCH_BACKENDS = ("torch-cuda", "torch-cpu")
-BACKEND_CHOICES = ("auto", "tensorrt", "ort-cuda", "ort-cpu", *TORCH_BACKENDS)
+BACKEND_CHOICES = ("auto", "tensorrt", "ort-cuda", "openvino", "ort-cpu", *TORCH_BACKENDS)
 DEFAULT_MAX_BATCH = 16
 
 BackendOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -47,6 +52,13 @@ logger = get_logger("backends")
 
 class BackendError(LLBEdgeError, RuntimeError):
     """A backend that cannot be created or a model that fails its self-check."""
+
+
+def pad_batch(batch: np.ndarray, fixed_batch: int | None) -> np.ndarray:
+    """``batch`` padded with black images to ``fixed_batch``: a graph with a fixed batch takes only that many."""
+    if fixed_batch is None or len(batch) >= fixed_batch:
+        return batch
+    return np.concatenate([batch, np.zeros((fixed_batch - len(batch), *batch.shape[1:]), dtype=batch.dtype)])
 
 
 class Backend(ABC):
@@ -121,9 +133,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _run_chunk(self, batch: np.ndarray) -> BackendOutputs:
         count = len(batch)
-        if self._fixed_batch is not None and count < self._fixed_batch:
-            padding = np.zeros((self._fixed_batch - count, *batch.shape[1:]), dtype=batch.dtype)
-            batch = np.concatenate([batch, padding])
+        batch = pad_batch(batch, self._fixed_batch)
         maps, scores, maxes = self._session.run([MAP_OUTPUT, SCORE_OUTPUT, MAX_OUTPUT], {INPUT_NAME: batch})
         return (
             np.asarray(maps, dtype=np.float32)[:count],
@@ -260,9 +270,7 @@ class TensorRTBackend(Backend):
 
     def _run_chunk(self, batch: np.ndarray) -> BackendOutputs:
         count = len(batch)
-        if self._fixed_batch is not None and count < self._fixed_batch:
-            batch = np.concatenate([batch, np.zeros((self._fixed_batch - count, *batch.shape[1:]), batch.dtype)])
-        batch = np.ascontiguousarray(batch)
+        batch = np.ascontiguousarray(pad_batch(batch, self._fixed_batch))
         run_batch = len(batch)
         self._context.set_input_shape(INPUT_NAME, (run_batch, *self._image_shape))
         self._memory.to_device(self._pointers[INPUT_NAME], batch)
@@ -309,6 +317,38 @@ def _tensorrt_importable() -> bool:
     return True
 
 
+def _openvino_importable() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _openvino_candidates(bundle: Bundle, with_fp32_graph: bool) -> list[tuple[str, str, str]]:
+    """(reason to skip or "", bundle file key, precision) of the OpenVINO variants, usable ones fastest first.
+
+    Gated variants built for this CPU and OpenVINO version come first, ordered by the speed
+    measured when they were gated; then, ``with_fp32_graph``, the bundle's fp32 graph (no gate
+    needed: full precision).
+    """
+    from llb_edge.runtime import openvino_backend as ov_backend
+
+    cpu, version = ov_backend.detect_cpu(), ov_backend.openvino_version()
+    variants: list[tuple[str, str, str, float]] = []
+    for key, spec in bundle.manifest.files.items():
+        if spec.format != ov_backend.FORMAT:
+            continue
+        reason = ov_backend.target_mismatch(spec.target, cpu, version) or ""
+        if not reason and not spec.parity.get("passed"):
+            reason = "its decision gate did not pass"
+        speed = float(spec.target.get("ms_per_image") or math.inf)
+        variants.append((reason, key, spec.precision, speed))
+    variants.sort(key=lambda variant: (bool(variant[0]), variant[3]))
+    fallback = [("", key, "fp32") for key in _model_files(bundle, "onnx", "fp32")[:1]] if with_fp32_graph else []
+    return [(reason, key, precision) for reason, key, precision, _ in variants] + fallback
+
+
 def _ort_cuda_available() -> bool:
     try:
         import onnxruntime as ort
@@ -324,7 +364,7 @@ def create_backend(
     max_batch: int = DEFAULT_MAX_BATCH,
     intra_op_threads: int | None = None,
 ) -> Backend:
-    """The backend for ``bundle``: ``choice`` is auto, tensorrt, ort-cuda, ort-cpu, torch-cuda or torch-cpu.
+    """The backend for ``bundle``: ``choice`` is auto, tensorrt, ort-cuda, openvino, ort-cpu, torch-cuda or torch-cpu.
 
     With auto, candidates are tried in speed order and the first that loads wins; an explicit
     choice fails with the reason instead of falling back, so a misconfigured GPU box is not
@@ -336,22 +376,38 @@ def create_backend(
         from llb_edge.runtime.torch_backend import create_torch_backend
 
         return create_torch_backend(bundle, choice.removeprefix("torch-"), max_batch=max_batch)
-    candidates: list[tuple[str, str]] = []  # (backend, bundle file key)
+    candidates: list[tuple[str, str, str]] = []  # (backend, bundle file key, OpenVINO precision)
+    failures: list[str] = []
     if choice in ("auto", "tensorrt") and (choice == "tensorrt" or _tensorrt_importable()):
-        candidates += [("tensorrt", key) for key in _model_files(bundle, "tensorrt", "fp16")]
+        candidates += [("tensorrt", key, "") for key in _model_files(bundle, "tensorrt", "fp16")]
     if choice in ("auto", "ort-cuda") and (choice == "ort-cuda" or _ort_cuda_available()):
-        candidates += [("ort-cuda", key) for key in _model_files(bundle, "onnx", "fp16")]
+        candidates += [("ort-cuda", key, "") for key in _model_files(bundle, "onnx", "fp16")]
+    if choice == "openvino" and not _openvino_importable():
+        raise BackendError("backend openvino: OpenVINO is not installed here (pip install 'llb-edge[openvino]')")
+    if choice in ("auto", "openvino") and _openvino_importable():
+        for reason, key, precision in _openvino_candidates(bundle, with_fp32_graph=choice == "openvino"):
+            if reason:  # built for another CPU or OpenVINO: log it, as a failed candidate
+                path = bundle.manifest.files[key].path
+                failures.append(f"openvino-{precision} {path}: {reason}")
+                log_event(logger, logging.INFO, "backend_unavailable", backend=f"openvino-{precision}",
+                          file=path, reason=reason)
+            else:
+                candidates.append(("openvino", key, precision))
     if choice in ("auto", "ort-cpu"):
-        candidates += [("ort-cpu", key) for key in _model_files(bundle, "onnx", "fp32")]
+        candidates += [("ort-cpu", key, "") for key in _model_files(bundle, "onnx", "fp32")]
     if not candidates:
         raise BackendError(f"bundle {bundle.root} has no model file usable by backend {choice!r}")
-    failures: list[str] = []
-    for kind, key in candidates:
+    for kind, key, precision in candidates:
         path = bundle.manifest.files[key].path
         try:
             if kind == "tensorrt":
                 # Engines are deserialised into device memory: later edits of the file do not reach them.
                 return TensorRTBackend(confined_path(bundle.root, path), max_batch=max_batch)
+            if kind == "openvino":
+                from llb_edge.runtime.openvino_backend import OpenVinoBackend
+
+                return OpenVinoBackend(confined_path(bundle.root, path), precision=precision, max_batch=max_batch,
+                                       threads=intra_op_threads)
             device = "cuda" if kind == "ort-cuda" else "cpu"
             return _onnx_backend(bundle, key, device, max_batch, intra_op_threads)
         except BackendError as err:

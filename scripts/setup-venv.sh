@@ -12,6 +12,6 @@ stamp=.venv/.llb-edge-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/python -m pip install -q -e ".[train,runtime,gateway,demo,dev]"
+  .venv/bin/python -m pip install -q -e ".[train,runtime,gateway,openvino,demo,dev]"
   touch "$stamp"
 fi

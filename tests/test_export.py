@@ -94,7 +94,23 @@ def test_parity_numbers_within_tolerance(exported: tuple[Path, list[str]]) -> No
     assert fp32["reference"] == "pytorch-fp32" and fp32["candidate"] == "onnxruntime-fp32"
     assert fp32["map_max_abs"] <= 1e-4 and fp32["score_max_abs"] <= 1e-4 and fp32["spearman"] >= 0.999
     assert fp16["map_max_abs"] <= 1e-2 and fp16["score_max_abs"] <= 5e-3 and fp16["spearman"] >= 0.99
-    assert fp32["tolerance"] == {"map_max_abs": 1e-4, "score_max_abs": 1e-4, "min_spearman": 0.999}
+    assert fp32["tolerance"] == {"map_max_abs": 1e-4, "score_max_abs": 1e-4, "min_spearman": 0.999,
+                                 "min_agreement": None}
+
+
+def test_fp16_on_cpu_passes_the_decision_gate_on_stored_real_images(exported: tuple[Path, list[str]]) -> None:
+    bundle = load_bundle(exported[0])
+    gate = bundle.manifest.extra["gate_images"]
+    assert parity.bundle_images(bundle, parity.GATE_IMAGES).shape == (gate["count"], CROP, CROP, 3)
+    assert all(str(MTD) in source for source in gate["sources"])
+    calibration = bundle.manifest.extra["calibration_images"]
+    assert calibration["count"] > 0 and not set(calibration["sources"]) & set(gate["sources"])
+    decisions = bundle.manifest.files["onnx-fp16"].parity["decisions"]
+    assert decisions["candidate"] == "onnxruntime-cpu-fp16" and decisions["reference"] == "onnxruntime-fp32"
+    assert decisions["passed"] and decisions["images"] == gate["count"]
+    assert decisions["spearman"] >= parity.DECISION_MIN_SPEARMAN
+    assert decisions["agreement"] >= parity.DECISION_MIN_AGREEMENT
+    assert decisions["threshold"] == pytest.approx(bundle.threshold)
 
 
 def test_parity_images_are_real_test_images(exported: tuple[Path, list[str]]) -> None:
@@ -290,7 +306,8 @@ def test_existing_bundle_is_not_overwritten(exported: tuple[Path, list[str]], ti
 
 def test_format_resolution() -> None:
     assert resolve_formats("onnx") == (["onnx"], False)
-    assert resolve_formats("all") == (["onnx", "tensorrt"], True)
+    assert resolve_formats("all") == (["onnx", "tensorrt"], True)  # OpenVINO only by name: built per CPU
+    assert resolve_formats("openvino") == (["openvino"], False)
     assert resolve_formats(["tensorrt"]) == (["tensorrt"], False)
     with pytest.raises(ExportError, match="unknown"):
         resolve_formats("tflite")

@@ -67,6 +67,13 @@ class GatewayError(enum.IntEnum):
     AWAITING_RESULT = 203  # no result for the part yet: gateway just started, or handshake Busy=1
 
 
+def result_topic_camera(parts: list[bytes]) -> str | None:
+    """The camera a published message's topic names (``result/<camera>``), or None."""
+    if not parts or not isinstance(parts[0], bytes) or not parts[0].startswith(RESULT_TOPIC_PREFIX):
+        return None
+    return parts[0][len(RESULT_TOPIC_PREFIX):].decode("utf-8", "replace")
+
+
 class UnusableResultError(ValueError):
     """A result that decoded under the protocol but whose content cannot become tag values."""
 
@@ -271,7 +278,19 @@ class GatewayCore:
         self.results += 1
         self._seen(now)
         fields = self._usable_fields(result)
-        camera = self._cameras.get(result.camera_id) if isinstance(result.camera_id, str) else None
+        camera_id = result.camera_id if isinstance(result.camera_id, str) else None
+        frame_id = str(result.frame_id) if is_valid_frame_id(result.frame_id) else ""
+        return self._answer(camera_id, fields, frame_id)
+
+    def on_unreadable_result(self, camera_id: str, now: float) -> list[Update]:  # noqa: ARG002 - same call shape
+        """A message on ``camera_id``'s result topic that does not decode under the protocol: that
+        part is answered NG (BAD_RESULT), so the previous part's OK never stands for it. It does not
+        count as a sign of life: only decodable heartbeats and results keep the fail-safe off."""
+        self.unusable += 1
+        return self._answer(camera_id, _not_inspected(int(GatewayError.BAD_RESULT)), "")
+
+    def _answer(self, camera_id: str | None, fields: dict[str, Any], frame_id: str) -> list[Update]:
+        camera = self._cameras.get(camera_id) if camera_id is not None else None
         if camera is None:
             return self._refresh()
         updates = self._refresh(skip=camera.config.camera_id)
@@ -290,7 +309,6 @@ class GatewayCore:
         else:
             inspection_id = _next_inspection_id(camera)
             result_valid = not camera.tags.result_valid  # a toggle: every change is one new result
-        frame_id = str(result.frame_id) if is_valid_frame_id(result.frame_id) else ""
         tags = camera.tags.replace(**fields, inspection_id=inspection_id, frame_id=frame_id, result_valid=result_valid)
         camera.tags = self._with_health(camera, tags)
         updates.append(("result", camera.config.camera_id, camera.tags))
@@ -462,6 +480,9 @@ class Gateway:
         except ProtocolError as err:
             self.unreadable += 1
             self._log.log(logging.WARNING, "unreadable", "unreadable_message", error=str(err))
+            camera_id = result_topic_camera(parts)
+            if camera_id in self.core.camera_ids:
+                self._dispatch(self.core.on_unreadable_result(camera_id, now))
             return
         if isinstance(message, Heartbeat):
             self._dispatch(self.core.on_heartbeat(message, now))

@@ -80,17 +80,24 @@ def test_inspection_ids_count_results_whatever_the_frame_ids() -> None:
 
 
 def hostile(**fields: object) -> ResultHeader:
-    """A result header as decode_result passes it on: structure checked, value types not."""
-    values: dict[str, object] = {
-        "version": 1,
-        "camera_id": "cam1",
-        "frame_id": 9,
-        "decision": "OK",
-        "score": 0.2,
-        "region": {"area_px": 5, "bbox": [1, 2, 3, 4]},
-        "model_version": "v7",
-    }
-    return ResultHeader.from_dict(values | fields)
+    """A result header with values the protocol's decoder refuses, built past it: the state machine
+    must not trust its caller to have checked them (defence in depth behind decode_result)."""
+    region = fields.pop("region", {"area_px": 5, "bbox": [1, 2, 3, 4]})
+    values: dict[str, object] = {"camera_id": "cam1", "frame_id": 9, "decision": "OK", "score": 0.2,
+                                 "model_version": "v7"}
+    bbox = region["bbox"]  # type: ignore[index]
+    return ResultHeader(**(values | fields),  # type: ignore[arg-type]
+                        region=Region(region["area_px"], tuple(bbox) if isinstance(bbox, list) else bbox))
+
+
+def test_an_unreadable_result_is_that_parts_ng() -> None:
+    gateway = core()
+    gateway.on_heartbeat(heartbeat(), 0.0)
+    assert gateway.on_result(result(1, "OK"), 0.1)[-1][2].ok
+    [(kind, _, tags)] = gateway.on_unreadable_result("cam1", 0.2)
+    code = int(GatewayError.BAD_RESULT)
+    assert (kind, tags.ok, tags.ng, tags.error_code, tags.inspection_id) == ("result", False, True, code, 2)
+    assert gateway.unusable == 1 and gateway.results == 1  # not a result, and not a sign of life
 
 
 @pytest.mark.parametrize(

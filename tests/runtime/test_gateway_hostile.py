@@ -187,22 +187,24 @@ def test_no_result_content_stops_the_gateway_and_bad_content_is_ng() -> None:
     """Issue 13 item 5: frame_id "²" used to end `llb-edge gateway`; 2**32 + 7 became InspectionID 7."""
     config = modbus_server_config(free_port(), fail_safe_s=5.0)
     bad = int(GatewayError.BAD_RESULT)
-    # (message, InspectionID after it, OK, ErrorCode); None: no tag change expected
-    script: list[tuple[list[bytes], tuple[int, bool, int] | None]] = [
+    # (message, InspectionID after it, OK, ErrorCode). Every message is on cam1's topic: one that
+    # does not decode under the protocol (wrong types, non-finite numbers, not JSON) is that part's
+    # NG (BAD_RESULT), never a silent drop that leaves the previous part's OK standing.
+    script: list[tuple[list[bytes], tuple[int, bool, int]]] = [
         (result_parts(frame_id="²"), (1, True, 0)),
         (result_parts(frame_id=2**32 + 7), (2, True, 0)),
         (result_parts(frame_id=7), (3, True, 0)),
-        (result_parts(camera_id=["cam1"]), None),
-        (result_parts(camera_id={"id": "cam1"}), None),
-        (result_parts(score="0.5"), (4, False, bad)),
-        (result_parts(score=float("nan")), (5, False, bad)),
-        (result_parts(score=1e300), (6, True, 0)),  # finite, beyond REAL: clamped, must still encode
-        (result_parts(region={"area_px": 5, "bbox": "wxyz"}), (7, False, bad)),
-        (result_parts(model_version={"v": 1}), (8, False, bad)),
-        (result_parts(frame_id=None), (9, False, bad)),
-        ([b"result/cam1", b'{"version": 1, "camera_id": "cam1"}'], None),  # undecodable: counted
-        ([b"result/cam1", b"\xff\xfe not json"], None),
-        (result_parts(frame_id="last one"), (10, True, 0)),
+        (result_parts(camera_id=["cam1"]), (4, False, bad)),
+        (result_parts(camera_id={"id": "cam1"}), (5, False, bad)),
+        (result_parts(score="0.5"), (6, False, bad)),
+        (result_parts(score=float("nan")), (7, False, bad)),
+        (result_parts(score=1e300), (8, True, 0)),  # finite, beyond REAL: clamped, must still encode
+        (result_parts(region={"area_px": 5, "bbox": "wxyz"}), (9, False, bad)),
+        (result_parts(model_version={"v": 1}), (10, False, bad)),
+        (result_parts(frame_id=None), (11, False, bad)),
+        ([b"result/cam1", b'{"version": 1, "camera_id": "cam1"}'], (12, False, bad)),
+        ([b"result/cam1", b"\xff\xfe not json"], (13, False, bad)),
+        (result_parts(frame_id="last one"), (14, True, 0)),
     ]
     with fake_daemon(config.results) as daemon, GatewayThread(config) as thread:
         gateway = thread.gateway
@@ -219,14 +221,13 @@ def test_no_result_content_stops_the_gateway_and_bad_content_is_ng() -> None:
         for count, (parts, expected) in enumerate(script, handled() + 1):
             daemon.send_multipart(parts)
             wait_until(lambda count=count: handled() >= count, 5, "the message handled")
-            if expected is not None:
-                tags = gateway.core.tags("cam1")
-                assert (tags.inspection_id, tags.ok, tags.error_code) == expected, (parts, tags)
-                assert tags.ng != tags.ok
-                if not tags.ok:
-                    assert tags.result_code == RESULT_ERROR_BASE + tags.error_code
+            tags = gateway.core.tags("cam1")
+            assert (tags.inspection_id, tags.ok, tags.error_code) == expected, (parts, tags)
+            assert tags.ng != tags.ok
+            if not tags.ok:
+                assert tags.result_code == RESULT_ERROR_BASE + tags.error_code
         status = gateway.status()
-        assert not gateway.failed and (status["unusable"], status["unreadable"], status["failed_messages"]) == (5, 2, 0)
+        assert not gateway.failed and (status["unusable"], status["unreadable"], status["failed_messages"]) == (9, 9, 0)
         # Every tag set stayed writable: no adapter call failed (a score beyond REAL used to).
         assert status["adapters"]["mb"]["failures"] == 0
         assert gateway.core.tags("cam1").frame_id == "last one"
