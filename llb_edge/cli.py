@@ -17,6 +17,7 @@ from llb_edge.bundle import Bundle
 from llb_edge.calibration import DEFAULT_TARGET_FRR
 from llb_edge.errors import LLBEdgeError
 from llb_edge.runtime.drift import DEFAULT_NG_RATE_ALPHA, DEFAULT_NG_RATE_WINDOW
+from llb_edge.runtime.frames import DEFAULT_CAMERA_IDLE_S, DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from llb_edge.runtime.versions import VersionChange
@@ -162,7 +163,8 @@ def serve(
         help="Threads post-processing results (map resize, regions) while the next batch runs.")] = 2,
     max_cameras: Annotated[int, typer.Option(help="Distinct camera ids accepted.")] = 64,
     max_payload_bytes: Annotated[int, typer.Option(help="Larger frame payloads are refused.")] = 64 << 20,
-    max_pixels: Annotated[int, typer.Option(help="Larger decoded frames are refused.")] = 64_000_000,
+    max_pixels: Annotated[int, typer.Option(
+        help="Larger frames are refused, from their header before any decoding.")] = DEFAULT_MAX_PIXELS,
     map_payload: Annotated[str, typer.Option(help="Attach anomaly maps: none | uint8 | float16.")] = "none",
     heartbeat_s: Annotated[float, typer.Option(help="Seconds between heartbeats on the results socket.")] = 1.0,
     intake_hwm: Annotated[int, typer.Option(help="ZeroMQ high-water mark of the intake socket.")] = 16,
@@ -174,7 +176,7 @@ def serve(
     reload_allow: Annotated[list[Path] | None, typer.Option(
         help="A folder reloads may load bundles from, besides BUNDLE (repeatable).")] = None,
     camera_idle_s: Annotated[float, typer.Option(
-        help="Seconds without frames after which a camera gives up its slot.")] = 300.0,
+        help="Seconds without frames after which a camera gives up its slot.")] = DEFAULT_CAMERA_IDLE_S,
     ort_threads: Annotated[int | None, typer.Option(
         help="ONNX Runtime intra-op (or OpenVINO inference) threads (default: all).")] = None,
     capture_pool: Annotated[Path | None, typer.Option(help="Capture sampled frames into this pool folder.")] = None,
