@@ -37,7 +37,7 @@ MAP_OUTPUT = "anomaly_map"  # float32 [B, 1, map_size, map_size], the smoothed e
 SCORE_OUTPUT = "score"  # float32 [B], mean of the top fraction of map pixels
 MAX_OUTPUT = "score_max"  # float32 [B], max of the map
 
-MODEL_FORMATS = ("onnx", "tensorrt")
+MODEL_FORMATS = ("onnx", "tensorrt", "openvino", "safetensors")
 SCORE_RANGE_KEY = "score_range"  # extra.score_range: [lo, hi] every score of the graph lies in
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -206,13 +206,19 @@ def _staged(stage: Path | None, root: Path, relative: str) -> Path | None:
 
 
 def _model_file_hashes(
-    root: Path, relative: str, file_format: str, stage: Path | None
+    root: Path, relative: str, file_format: str, stage: Path | None, expected_sha256: str | None = None
 ) -> tuple[str, dict[str, str]]:
     """(sha256 of a model file, {external-data path: sha256}); with ``stage``, each file is also
-    copied there, mirroring the bundle layout, as it is hashed."""
+    copied there, mirroring the bundle layout, as it is hashed. With ``expected_sha256``, a file
+    that does not match is refused before its bytes are parsed for external-data references."""
     source = _bundle_file(root, relative, f"model file {relative!r}")
     target = _staged(stage, root, relative)
     sha = _copy_hashed(source, target)
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise BundleError(
+            f"bundle file {relative!r} fails its checksum (bundle.json expects {expected_sha256}). "
+            "The file is corrupt or was changed; re-export."
+        )
     external: dict[str, str] = {}
     if file_format == "onnx":
         try:
@@ -327,12 +333,7 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
 
 
 def _verify_model_file(root: Path, name: str, spec: ModelFile, stage: Path | None = None) -> None:
-    actual, external = _model_file_hashes(root, spec.path, spec.format, stage)
-    if actual != spec.sha256:
-        raise BundleError(
-            f"bundle file {name!r} ({spec.path}) fails its checksum (bundle.json expects {spec.sha256}). "
-            "The file is corrupt or was changed; re-export."
-        )
+    _, external = _model_file_hashes(root, spec.path, spec.format, stage, expected_sha256=spec.sha256)
     unlisted = sorted(set(external) - set(spec.external_data))
     if unlisted:
         raise BundleError(

@@ -206,13 +206,11 @@ def test_memory_is_a_fixed_ring_per_camera_and_images_are_encoded_once(bundle_di
 def test_expected_false_reject_rate_is_read_defensively(bundle_dir: Path) -> None:
     plain = load_bundle(bundle_dir)
     assert expected_rates(plain)["expected_frr"] is None and expected_rates(None)["expected_frr"] is None
-    # threshold.expected_frr in bundle.json, as a number or a record with its value.
-    plain.manifest.threshold.expected_frr = 0.002  # type: ignore[attr-defined]
+    # threshold.frr.expected in bundle.json: the rate the calibration slice predicts at the threshold.
+    plain.manifest.threshold.frr = {"target": 0.01, "calibration_count": 120, "expected": 0.002}
     assert expected_rates(plain)["expected_frr"] == pytest.approx(0.002)
-    plain.manifest.threshold.expected_frr = {"value": 0.004, "method": "held-out OK scores"}  # type: ignore[attr-defined]
-    assert expected_rates(plain)["expected_frr"] == pytest.approx(0.004)
-    for junk in ("0.1", float("nan"), True, [0.1]):
-        plain.manifest.threshold.expected_frr = junk  # type: ignore[attr-defined]
+    for junk in ("0.1", float("nan"), True, [0.1], None):
+        plain.manifest.threshold.frr = {"expected": junk}
         assert expected_rates(plain)["expected_frr"] is None
 
 
