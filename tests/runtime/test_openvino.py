@@ -24,6 +24,8 @@ from llb_edge.exporters import parity
 from llb_edge.runtime import openvino_backend as ov_backend
 from llb_edge.runtime.backends import create_backend
 
+pytest_plugins = ["runtime_fixtures"]  # contract-test-model bundles
+
 needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
     reason="openvino/nncf are not installed (pip install 'llb-edge[openvino]')",
