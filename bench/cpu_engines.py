@@ -107,14 +107,15 @@ def onnx_path(bundle: Bundle, precision: str) -> Path | None:
 
 
 def single_engine_view(bundle: Bundle, keep: str | None, target: Path) -> Path:
-    """A bundle folder serving one engine: the fp32 ONNX plus (optionally) one OpenVINO entry; files linked."""
+    """A bundle folder serving one engine: the fp32 ONNX plus (optionally) one OpenVINO entry; files hard-linked."""
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     manifest = dataclasses.replace(bundle.manifest, files={
         name: spec for name, spec in bundle.manifest.files.items()
         if (spec.format == "onnx" and spec.precision == "fp32") or name == keep})
     for path in {spec.path for spec in manifest.files.values()}:  # fp32 and bf16 variants share the fp32 graph
-        (target / path).symlink_to((bundle.root / path).resolve())
+        # Hard links: the loader refuses symlinks that lead out of a bundle folder.
+        os.link(bundle.root / path, target / path)
     write_manifest(target, manifest)
     return target
 
