@@ -312,7 +312,7 @@ def choose_threshold(
     choices: dict[str, ThresholdChoice] = {METHOD_QUANTILE: quantile_rule(run_dir, margin)}
     calibration, source = read_calibration_scores(run_dir)
     if calibration is not None:
-        choices[METHOD_CALIBRATED] = calibrated_threshold(calibration, target_frr)
+        choices[METHOD_CALIBRATED] = calibrated_threshold(calibration, target_frr, cfg.llb.outlier_z)
     elif threshold_method == METHOD_CALIBRATED:
         log.warning("%s has no calibration slice (calibration_scores.json, train.calibration_fraction); the "
                     "threshold falls back to the training-score quantile rule, which rejects more normal parts "
@@ -330,7 +330,8 @@ def choose_threshold(
     if chosen.method == METHOD_CALIBRATED:
         frr = dict(chosen.details)  # carries the target it was chosen for
     else:
-        frr = estimate_frr(calibration, chosen.value).to_dict() if calibration is not None else {}
+        frr = (estimate_frr(calibration, chosen.value, outlier_z=cfg.llb.outlier_z).to_dict()
+               if calibration is not None else {})
     measured = labelled_rates(scores, labels, chosen.value) if scores is not None else None
     return ThresholdDecision(chosen, {name: c.to_dict() for name, c in choices.items()}, frr, calibration, source,
                              measured)
@@ -519,6 +520,7 @@ def export_bundle(
             extra[BUNDLE_CALIBRATION_KEY] = {
                 "source": threshold.calibration_source,
                 "count": int(len(threshold.calibration)), "confidence": DEFAULT_CONFIDENCE,
+                "outlier_z": cfg.llb.outlier_z,
                 "scores": sorted(float(v) for v in threshold.calibration),
             }
         if threshold.validation is not None:

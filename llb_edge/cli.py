@@ -476,6 +476,9 @@ def show_bundle(bundle: Bundle) -> None:
         typer.echo(f"  false-reject rate on normal parts: {target}expected {frr['expected']:.3g}, "
                    f"{frr['confidence']:.0%} upper bound {frr['upper']:.3g} ({frr['calibration_count']} calibration "
                    f"images)" + ("" if frr.get("reachable", True) else "; the target needs more calibration images"))
+        if frr.get("excluded"):
+            typer.echo(f"  {frr['excluded']} calibration images above the outlier cut {frr['outlier_cut']:.4g} left "
+                       f"out as suspected defects; if they are normal parts the bound is {frr['upper_if_normal']:.3g}")
     measured = m.extra.get("validation")
     if measured and measured.get("threshold") == m.threshold.value:
         rates = [f"{name} {measured[key]:.3g} ({measured[count]} of {measured[total]})"
@@ -515,22 +518,24 @@ def bundle_set_threshold(
     value. A running daemon picks it up on reload (llb-edge ctl reload, or SIGHUP).
     """
     from llb_edge.bundle import load_bundle, set_threshold
-    from llb_edge.calibration import bundle_calibration_scores, estimate_frr, threshold_for_target
+    from llb_edge.calibration import bundle_calibration_scores, bundle_outlier_z, estimate_frr, threshold_for_target
 
     if (value is None) == (target_frr is None):
         fail("give either a threshold value or --target-frr")
     try:
-        calibration = bundle_calibration_scores(load_bundle(bundle_dir, verify=False).manifest.extra)
+        extra = load_bundle(bundle_dir, verify=False).manifest.extra
+        calibration, outlier_z = bundle_calibration_scores(extra), bundle_outlier_z(extra)
         if target_frr is not None:
             if calibration is None:
                 fail(f"{bundle_dir} carries no calibration scores (exported before they existed, or from a run "
                      "without a calibration slice): give a threshold value, or re-train and re-export")
-            estimate = threshold_for_target(calibration, target_frr)
+            estimate = threshold_for_target(calibration, target_frr, outlier_z=outlier_z)
             bundle = set_threshold(bundle_dir, estimate.threshold, set_by=by, reason=f"operator: target FRR "
                                    f"{target_frr:g}", frr=estimate.to_dict())
         else:
             assert value is not None
-            frr = estimate_frr(calibration, value).to_dict() if calibration is not None else None
+            frr = (estimate_frr(calibration, value, outlier_z=outlier_z).to_dict() if calibration is not None
+                   else None)
             bundle = set_threshold(bundle_dir, value, set_by=by, frr=frr)
     except USER_ERRORS as err:
         fail(str(err))
@@ -538,8 +543,10 @@ def bundle_set_threshold(
     typer.echo(f"threshold of {bundle_dir} is now {t.value:.6g} (was {t.history[-1]['value']:.6g}), "
                f"set by {t.set_by} at {t.set_at}")
     if t.frr:
+        excluded = (f"; {t.frr['excluded']} outliers left out as suspected defects, bound "
+                    f"{t.frr['upper_if_normal']:.3g} if they are normal parts" if t.frr.get("excluded") else "")
         typer.echo(f"expected false-reject rate {t.frr['expected']:.3g} ({t.frr['confidence']:.0%} upper bound "
-                   f"{t.frr['upper']:.3g}, {t.frr['calibration_count']} calibration images)")
+                   f"{t.frr['upper']:.3g}, {t.frr['calibration_count']} calibration images{excluded})")
 
 
 @bundle_app.command("build-engine")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llb_edge.calibration import DEFAULT_OUTLIER_Z
 from llb_edge.errors import LLBEdgeError
 
 
@@ -119,7 +120,7 @@ class LLBConfig:
     # nothing and clear outliers go. A number in (0, 1] keeps that fraction of the lowest-scored images
     # whatever the data (the paper's benchmark setting: 0.4). docs/llb.md has the measurements.
     keep: str = "auto"
-    outlier_z: float = 2.5
+    outlier_z: float = DEFAULT_OUTLIER_Z  # also the calibration slice's outlier cut (llb_edge.calibration)
     # What happens to the images above the cut. "mask": they stay in the training set but their
     # suspect patches (patch score above the cut, dilated by one patch) are left out of the stage-2
     # loss, so the normal part of a defective image still teaches the decoder. "drop": they leave the

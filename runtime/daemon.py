@@ -217,10 +217,14 @@ class ServingModel:
 
     @property
     def expected_ng_rate(self) -> float | None:
-        """The false-reject rate the bundle's calibration images predict at the threshold in use."""
+        """The NG rate the bundle's calibration images predict at the threshold in use.
+
+        Every calibration image counts, its suspected defects included (no outlier cut): the slice is
+        a random draw of the parts, so the line's defects are NG here too and the drift alarm must not
+        take them for drift."""
         if self.calibration is None:
             return None
-        return estimate_frr(self.calibration, self.threshold).expected
+        return estimate_frr(self.calibration, self.threshold, outlier_z=None).expected
 
     def describe(self) -> dict[str, Any]:
         return {
