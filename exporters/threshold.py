@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from llb_edge import metrics
-from llb_edge.calibration import DEFAULT_OUTLIER_Z, DEFAULT_TARGET_FRR, threshold_for_target
+from llb_edge.calibration import DEFAULT_CALIBRATION_OUTLIER_Z, DEFAULT_TARGET_FRR, threshold_for_target
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def stats_threshold(stats: Mapping[str, Any], margin: float = DEFAULT_MARGIN) ->
 def calibrated_threshold(
     scores: np.ndarray | list[float],
     target_frr: float = DEFAULT_TARGET_FRR,
-    outlier_z: float | None = DEFAULT_OUTLIER_Z,
+    outlier_z: float | None = DEFAULT_CALIBRATION_OUTLIER_Z,
 ) -> ThresholdChoice:
     """The conformal threshold for ``target_frr`` on held-back calibration scores, the slice's outliers
     (suspected unlabelled defects, llb_edge.calibration) left out first."""

@@ -17,12 +17,12 @@ above ``t``:
 **Unlabelled defects in the slice.** The slice is a random draw from the training set, so a dirty set
 puts defects in it too, and they score high: with a target below the set's defect rate the
 order statistic lands among them and the threshold passes most defects (the demo before this rule:
-91 of 95). The slice's outliers are therefore left out first, by the same rule LLB's automatic
-cut uses on the consensus scores (:class:`RobustScale`: more than ``outlier_z`` robust standard
-deviations above the median, the scale taken from the scores below the median, which defects do not
-reach). ``expected`` and ``upper`` then treat the excluded images as defects; ``upper_if_normal``
-is the bound if they were all normal parts after all (they are all above the threshold, so they
-would all be false rejects).
+91 of 95). The slice's outliers are therefore left out first, by the rule LLB's automatic cut
+uses on the consensus scores (:class:`RobustScale`: more than ``outlier_z`` robust standard
+deviations above the median, the scale taken from the scores below the median, which defects do
+not reach), set further out (``DEFAULT_CALIBRATION_OUTLIER_Z``). ``expected`` and ``upper`` then
+treat the excluded images as defects; ``upper_if_normal`` is the bound if they were all normal
+parts after all (they are all above the threshold, so they would all be false rejects).
 
 The daemon's drift check uses the same binomial law: :func:`binomial_alarm_count` is the NG count
 in a window of frames that an expected rate ``p`` produces with probability below ``alpha``.
@@ -44,9 +44,14 @@ from llb_edge.errors import LLBEdgeError
 
 DEFAULT_TARGET_FRR = 0.01
 DEFAULT_CONFIDENCE = 0.95
-# How far above the bulk (in robust standard deviations) a score marks a suspect defect: LLB's automatic
-# cut on the consensus scores (llb.outlier_z) and the calibration slice's outlier rule both use it.
-DEFAULT_OUTLIER_Z = 2.5
+# How far above the slice's median (in robust standard deviations, RobustScale) a calibration score is
+# left out as a suspected defect (train.calibration_outlier_z). Further out than LLB's screening cut
+# (llb.outlier_z, 2.5) because a mistake costs more here: a suspect wrongly masked in stage 2 costs a
+# few patches of training signal, a normal part wrongly left out of the calibration lowers the threshold
+# and breaks the false-reject promise. Good parts' scores are skewed to the right, and at 2.5 the cut
+# took 2-7 of 100 normal MTD calibration images and ran the false-reject rate to 8-9% for a 5% target;
+# at 3.5 it takes 0-2 and still removes the demo's defective cells (docs/bundle.md).
+DEFAULT_CALIBRATION_OUTLIER_Z = 3.5
 
 
 class CalibrationError(LLBEdgeError, ValueError):
@@ -182,7 +187,7 @@ def _checked(scores: Iterable[float]) -> list[float]:
 
 def estimate_frr(
     scores: Iterable[float], threshold: float, confidence: float = DEFAULT_CONFIDENCE,
-    outlier_z: float | None = DEFAULT_OUTLIER_Z,
+    outlier_z: float | None = DEFAULT_CALIBRATION_OUTLIER_Z,
 ) -> FalseRejectEstimate:
     """The expected false-reject rate and its upper bound at ``threshold`` (any threshold, however chosen).
 
@@ -208,7 +213,7 @@ def minimum_calibration_count(target_frr: float) -> int:
 
 def threshold_for_target(
     scores: Iterable[float], target_frr: float, confidence: float = DEFAULT_CONFIDENCE,
-    outlier_z: float | None = DEFAULT_OUTLIER_Z,
+    outlier_z: float | None = DEFAULT_CALIBRATION_OUTLIER_Z,
 ) -> FalseRejectEstimate:
     """The split-conformal threshold for ``target_frr`` and what it promises.
 
@@ -254,7 +259,7 @@ def bundle_outlier_z(extra: dict[str, Any]) -> float | None:
     """
     record = extra.get(BUNDLE_CALIBRATION_KEY)
     if not isinstance(record, dict) or "outlier_z" not in record:
-        return DEFAULT_OUTLIER_Z
+        return DEFAULT_CALIBRATION_OUTLIER_Z
     value = record["outlier_z"]
     if value is None:
         return None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llb_edge.calibration import DEFAULT_OUTLIER_Z
+from llb_edge.calibration import DEFAULT_CALIBRATION_OUTLIER_Z
 from llb_edge.errors import LLBEdgeError
 
 
@@ -103,6 +103,9 @@ class TrainConfig:
     # after screening (defect-free, but D_pure is the easiest part of the set: it can promise too few
     # false rejects).
     calibration_source: str = "training"
+    # Calibration scores more than this many robust standard deviations above the slice's median are
+    # left out of the threshold as suspected unlabelled defects (llb_edge.calibration); 0: keep all.
+    calibration_outlier_z: float = DEFAULT_CALIBRATION_OUTLIER_Z
 
 
 # The paper's fixed keep fraction t: a benchmark setting, kept for paper-comparable runs (llb.keep=0.4).
@@ -120,7 +123,7 @@ class LLBConfig:
     # nothing and clear outliers go. A number in (0, 1] keeps that fraction of the lowest-scored images
     # whatever the data (the paper's benchmark setting: 0.4). docs/llb.md has the measurements.
     keep: str = "auto"
-    outlier_z: float = DEFAULT_OUTLIER_Z  # also the calibration slice's outlier cut (llb_edge.calibration)
+    outlier_z: float = 2.5
     # What happens to the images above the cut. "mask": they stay in the training set but their
     # suspect patches (patch score above the cut, dilated by one patch) are left out of the stage-2
     # loss, so the normal part of a defective image still teaches the decoder. "drop": they leave the
@@ -275,6 +278,7 @@ def validate(config: RunConfig) -> None:
     _check(0.0 <= data.contamination < 1.0, "data.contamination must be in [0, 1)")
     _check(0.0 <= train.calibration_fraction < 1.0, "train.calibration_fraction must be in [0, 1)")
     _check(train.calibration_min >= 0, "train.calibration_min must be >= 0")
+    _check(train.calibration_outlier_z >= 0, "train.calibration_outlier_z must be >= 0 (0: no outlier cut)")
     _check(train.calibration_source in ("training", "kept"), "train.calibration_source must be training or kept")
     _check(train.iterations > 0 and train.batch_size > 0, "train.iterations and batch_size must be > 0")
     _check(train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llb_edge.calibration import (
-    DEFAULT_OUTLIER_Z,
+    DEFAULT_CALIBRATION_OUTLIER_Z,
     CalibrationError,
     RobustScale,
     binomial_alarm_count,
@@ -148,7 +148,8 @@ def test_estimate_at_any_threshold_counts_outliers_only_in_the_bound_if_normal()
 
 
 def test_bundle_records_which_outlier_cut_its_calibration_used() -> None:
-    assert bundle_outlier_z({}) == DEFAULT_OUTLIER_Z  # exported before the cut: re-calibrate as a new export would
+    # Exported before the cut existed: re-calibrated as a new export would.
+    assert bundle_outlier_z({}) == DEFAULT_CALIBRATION_OUTLIER_Z
     assert bundle_outlier_z({"calibration": {"scores": [0.1], "outlier_z": 3}}) == 3.0
     assert bundle_outlier_z({"calibration": {"scores": [0.1], "outlier_z": None}}) is None
     for bad in (0, -1, "2.5", True):
