@@ -15,15 +15,15 @@ from typing import Any
 
 from llb_edge.errors import LLBEdgeError
 from llb_edge.protocol import is_valid_camera_id
+from llb_edge.runtime.gateway.tags import ALL_TAGS, MODBUS_BLOCK_REGISTERS, S7_BLOCK_BYTES, opcua_node_name
 
 DEFAULT_RESULTS = "tcp://127.0.0.1:5556"
 DEFAULT_OPCUA_ENDPOINT = "opc.tcp://127.0.0.1:4840/llb-edge/"
 DEFAULT_NAMESPACE = "urn:llb-edge:gateway"
-DEFAULT_NODE_TEMPLATE = "ns=2;s=Inspection.{camera}.{tag}"
-MODBUS_BLOCK_REGISTERS = 32  # one camera's register block; see docs/gateway.md for the map
+# The node ids an opcua-client adapter writes by default: those of the gateway's own server.
+DEFAULT_NODE_TEMPLATE = f"ns=2;s={opcua_node_name('{camera}', '{tag}')}"
 WORD_ORDERS = ("big", "little")
 ADAPTER_TYPES = ("opcua-server", "opcua-client", "modbus-client", "modbus-server", "s7")
-S7_BLOCK_BYTES = 52  # one camera's bytes in the S7 data block; see docs/gateway.md for the layout
 # OPC UA message security, as asyncua's SecurityPolicyType names them ("None": no security). The
 # deprecated Basic128Rsa15 and Basic256 policies are left out on purpose.
 OPCUA_SECURITY_POLICIES = (
@@ -35,32 +35,6 @@ OPCUA_SECURITY_POLICIES = (
     "Aes256Sha256RsaPss_Sign",
     "Aes256Sha256RsaPss_SignAndEncrypt",
 )
-
-# Tag names as a PLC programmer sees them (types and meaning: docs/gateway.md). The gateway writes
-# GATEWAY_TAGS; the PLC writes PLC_TAGS (only read when the camera's handshake is on).
-GATEWAY_TAGS = (
-    "Ready",
-    "Busy",
-    "ResultValid",
-    "OK",
-    "NG",
-    "ResultCode",
-    "Score",
-    "DefectArea",
-    "BBox",
-    "InspectionID",
-    "FrameID",
-    "Heartbeat",
-    "Fault",
-    "ErrorCode",
-    "ModelVersion",
-)
-PLC_TAGS = ("Trigger", "ResultsAck")
-ALL_TAGS = GATEWAY_TAGS + PLC_TAGS
-# What an opcua-client adapter writes unless its `tags` option says otherwise. FrameID came later
-# than the rest: PLC data blocks made before it lack the node, and a missing node fails the connect.
-CLIENT_DEFAULT_TAGS = tuple(tag for tag in GATEWAY_TAGS if tag != "FrameID")
-
 
 class GatewayConfigError(LLBEdgeError, ValueError):
     """The gateway config (file or flags) is invalid; the message says where."""
