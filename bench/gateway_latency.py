@@ -64,8 +64,8 @@ DAEMON = """
 import sys
 from llb_edge.runtime.daemon import ServeOptions, serve
 options = ServeOptions(intake=sys.argv[2], results=sys.argv[3], control=None, health_port=None, backend="ort-cpu",
-                       max_wait_ms=0.0, ort_threads=1)
-sys.exit(serve(sys.argv[1], options, log_level="WARNING"))
+                       max_wait_ms=0.0, ort_threads=1, log_level="WARNING")
+sys.exit(serve(sys.argv[1], options))
 """
 GATEWAY = """
 import sys

@@ -23,6 +23,7 @@ from llb_edge.protocol import MAX_FRAME_ID_CHARS
 
 MODBUS_BLOCK_REGISTERS = 32  # one camera's register block (the ones after ResultsAck are reserved)
 S7_BLOCK_BYTES = 52  # one camera's bytes in the S7 data block
+S7_DEFAULT_SPACING_BYTES = 64  # cameras' blocks without a configured offset: 0, 64, 128, ... (room to grow)
 MODBUS_STATUS_REGISTER = 0  # the register holding the BOOL tags' bits
 S7_STATUS_BYTE = 0  # the byte holding the BOOL tags' bits (the byte after it is reserved)
 MODEL_VERSION_CHARS = 16
