@@ -667,10 +667,14 @@ def retrain(
     out: Annotated[Path, typer.Option(help="Parent folder of retrain work folders.")] = Path("retrain"),
     holdout: Annotated[float, typer.Option(help="Fraction of the pool held back for the comparison.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the held-back slice.")] = 0,
-    max_ng_rate_change: Annotated[float, typer.Option(help="Gate: largest |NG-rate change|.")] = 0.02,
-    max_disagreement: Annotated[float, typer.Option(help="Gate: largest fraction of changed decisions.")] = 0.05,
-    max_labeled_drop: Annotated[float, typer.Option(help="Gate: largest drop of a metric on labelled frames.")] = 0.02,
-    min_holdout: Annotated[int, typer.Option(help="Gate: fewest held-back frames to decide on.")] = 30,
+    max_ng_rate_change: Annotated[float | None, typer.Option(
+        help="Gate: largest |NG-rate change| (default: docs/retrain.md).")] = None,
+    max_disagreement: Annotated[float | None, typer.Option(
+        help="Gate: largest fraction of changed decisions (default: docs/retrain.md).")] = None,
+    max_labeled_drop: Annotated[float | None, typer.Option(
+        help="Gate: largest drop of a metric on labelled frames (default: docs/retrain.md).")] = None,
+    min_holdout: Annotated[int | None, typer.Option(
+        help="Gate: fewest held-back frames to decide on (default: docs/retrain.md).")] = None,
     precision: Annotated[list[str] | None, typer.Option(help="Candidate ONNX precisions (repeatable).")] = None,
     backend: Annotated[str, typer.Option(help="Comparison backend: ort-cpu | ort-cuda.")] = "ort-cpu",
     no_promote: Annotated[bool, typer.Option("--no-promote", help="Decide and report only.")] = False,
@@ -682,6 +686,7 @@ def retrain(
     """Retrain from the line: LLB on the capture pool, a candidate bundle, a comparison report, and
     promotion only if the gate passes. Exit code 1 when the gate fails or a daemon did not reload."""
     setup_logging(verbose)
+    from llb_edge.config import apply_settings
     from llb_edge.trainer.retrain import GateConfig
     from llb_edge.trainer.retrain import retrain as run_retrain
 
@@ -689,9 +694,10 @@ def retrain(
         fail("give --current BUNDLE_DIR or --versions ROOT (its current version is compared)")
     if pool is None and resume is None:
         fail("give --pool POOL_DIR (or --resume WORK_DIR to continue a cycle)")
-    gate = GateConfig(max_ng_rate_change=max_ng_rate_change, max_disagreement=max_disagreement,
-                      max_labeled_drop=max_labeled_drop, min_holdout=min_holdout)
     try:
+        gate = apply_settings(GateConfig(), given({
+            "max_ng_rate_change": max_ng_rate_change, "max_disagreement": max_disagreement,
+            "max_labeled_drop": max_labeled_drop, "min_holdout": min_holdout}), "command line", text=True)
         decision = run_retrain(
             pool, current or versions, out, config=config, overrides=overrides or (), gate=gate,
             holdout_fraction=holdout, seed=seed, versions_root=versions, notify_endpoints=notify or (),

@@ -197,8 +197,21 @@ def setting_parser(parse: Callable[[Any, str, str], Any]) -> dict[str, Any]:
     return {"parse": parse}
 
 
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", str(annotation))
+def _describe(annotation: Any) -> str:
+    """What a value of the declared type looks like, for error messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("'off'" if option is type(None) else _describe(option) for option in args)
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        return f"a list of {len(args)}"
+    if origin in (tuple, list):
+        return "a list"
+    if origin is dict:
+        return "a table"
+    if dataclasses.is_dataclass(annotation):
+        return "a table of settings"
+    names = {bool: "true/false", str: "a string", Path: "a path"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def coerce_setting(value: Any, annotation: Any, key: str, source: str, *, text: bool = False) -> Any:
@@ -206,8 +219,8 @@ def coerce_setting(value: Any, annotation: Any, key: str, source: str, *, text: 
 
     ``text``: the value comes from the command line, so "200" may be an int and "off" a bool."""
 
-    def wrong(expected: str) -> ConfigError:
-        return ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
+    def wrong() -> ConfigError:
+        return ConfigError(f"{source}: {key}: expected {_describe(annotation)}, got {value!r}")
 
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -219,52 +232,51 @@ def coerce_setting(value: Any, annotation: Any, key: str, source: str, *, text: 
                 return coerce_setting(value, option, key, source, text=text)
             except ConfigError:
                 continue
-        raise wrong(" or ".join(_type_name(option) for option in options) + (" or 'off'" if len(options) < len(args)
-                                                                               else ""))
+        raise wrong()
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
-            raise wrong("a list")
+            raise wrong()
         fixed = origin is tuple and not (len(args) == 2 and args[1] is Ellipsis)
         if fixed and len(value) != len(args):
-            raise wrong(f"a list of {len(args)}")
+            raise wrong()
         kinds = args if fixed else [args[0]] * len(value)
         items = [coerce_setting(item, kind, f"{key}[{i}]", source, text=text)
                  for i, (item, kind) in enumerate(zip(value, kinds, strict=True))]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise wrong("a table")
+            raise wrong()
         return {str(name): coerce_setting(item, args[1], f"{key}.{name}", source, text=text)
                 for name, item in value.items()}
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
         if isinstance(value, annotation):
             return value
         if not isinstance(value, Mapping):
-            raise wrong("a table of settings")
+            raise wrong()
         return apply_settings(annotation(), value, source, text=text, prefix=f"{key}.")
     if annotation is bool:
         if isinstance(value, bool):
             return value
         if text and isinstance(value, str) and value.lower() in _TRUE_WORDS + _FALSE_WORDS:
             return value.lower() in _TRUE_WORDS
-        raise wrong("true/false")
+        raise wrong()
     if annotation in (int, float):
         if isinstance(value, bool) or (annotation is int and isinstance(value, float) and not value.is_integer()):
-            raise wrong(annotation.__name__)
-        if not text and not isinstance(value, int | float):
-            raise wrong(annotation.__name__)
+            raise wrong()
+        if not text and not isinstance(value, int if annotation is int else int | float):
+            raise wrong()
         try:
             return annotation(value)
         except (TypeError, ValueError) as err:
-            raise wrong(annotation.__name__) from err
+            raise wrong() from err
     if annotation is str:
         if text or isinstance(value, str):
             return str(value)
-        raise wrong("a string")
+        raise wrong()
     if annotation is Path:
         if isinstance(value, str | Path):
             return Path(value)
-        raise wrong("a path")
+        raise wrong()
     if isinstance(annotation, type) and isinstance(value, annotation):
         return value
     raise ConfigError(f"{source}: {key}: unsupported setting type {annotation}")
