@@ -103,16 +103,3 @@ def test_eval_of_a_missing_run_says_so(tmp_path):
 def test_every_command_explains_itself(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
-
-
-def test_serve_defaults_are_the_daemons():
-    import typer
-
-    from llb_edge.runtime.daemon import ServeOptions
-
-    serve = typer.main.get_command(app).commands["serve"]
-    defaults = ServeOptions()
-    shared = [param for param in serve.params if hasattr(defaults, param.name)]
-    assert len(shared) >= 20
-    for param in shared:
-        assert str(param.default) == str(getattr(defaults, param.name)), param.name
