@@ -89,7 +89,7 @@ def train(
     """
     setup_logging(verbose)
     from llb_edge.config import load_config
-    from llb_edge.runs import read_run_config
+    from llb_edge.runs import CONFIG, METRICS, read_run_config
 
     flags = {
         "name": name, "out_dir": out_dir, "data.root": data, "data.dataset": dataset, "data.category": category,
@@ -100,7 +100,7 @@ def train(
     settings = [f"{key}={value}" for key, value in flags.items() if value is not None] + list(overrides or [])
     try:
         cfg = load_config(config, settings)
-        if resume and (cfg.run_dir / "config.json").exists():
+        if resume and (cfg.run_dir / CONFIG).exists():
             saved = read_run_config(cfg.run_dir)
             saved.train.device = cfg.train.device
             cfg = saved
@@ -110,7 +110,7 @@ def train(
     except USER_ERRORS as err:
         fail(str(err))
     typer.echo(f"run directory: {run_dir}")
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS
     if metrics_path.exists():
         typer.echo(json.dumps(json.loads(metrics_path.read_text()), indent=2))
 
