@@ -45,13 +45,14 @@ import numpy as np
 import torch
 
 from llb_edge import runs
+from llb_edge.bundle import THRESHOLD_CANDIDATES_KEY, VALIDATION_KEY
 from llb_edge.calibration import threshold_for_target
 from llb_edge.config import RunConfig, load_config
 from llb_edge.data.images import read_image_rgb
 from llb_edge.data.transforms import Geometry
 from llb_edge.exporters.bundle_export import export_bundle
 from llb_edge.exporters.parity import onnxruntime_runner
-from llb_edge.exporters.threshold import labelled_rates
+from llb_edge.exporters.threshold import METHOD_QUANTILE, labelled_rates
 from llb_edge.trainer.llb import TABLE as STAGE1_TABLE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def one_run(cfg: RunConfig, target_frr: float, bundle_dir: Path) -> dict[str, An
                            overwrite=True)
     manifest = bundle.manifest
     threshold, frr = manifest.threshold.value, manifest.threshold.frr
-    measured = manifest.extra["validation"]
+    measured = manifest.extra[VALIDATION_KEY]
     test = [json.loads(line) for line in (run_dir / runs.TEST_SCORES).read_text().splitlines()]
     scores = np.asarray([t["score"] for t in test])
     labels = np.asarray([t["label"] for t in test])
@@ -118,7 +119,7 @@ def one_run(cfg: RunConfig, target_frr: float, bundle_dir: Path) -> dict[str, An
     label_of = {sample.path: sample.label for sample in runs.read_split(run_dir).calibration}
     calibration_paths = runs.read_json(run_dir / runs.CALIBRATION_SCORES)["scores"]
     train_scores = np.asarray(list(runs.read_json(run_dir / runs.TRAIN_SCORES)["scores"].values()))
-    quantile = manifest.extra["threshold_candidates"]["quantile"]["value"]
+    quantile = manifest.extra[THRESHOLD_CANDIDATES_KEY][METHOD_QUANTILE]["value"]
     row: dict[str, Any] = {
         "run": str(run_dir), "calibration_count": frr["calibration_count"], "threshold": threshold,
         "expected_frr": frr["expected"], "upper_frr": frr["upper"], "reachable": frr["reachable"],

@@ -46,6 +46,10 @@ from llb_edge.bundle import (
     MAX_OUTPUT,
     SCORE_OUTPUT,
     SCORE_RANGE_KEY,
+    THRESHOLD_CANDIDATES_KEY,
+    TOP_FRACTION_KEY,
+    TRAINED_WEIGHTS_KEY,
+    VALIDATION_KEY,
     Bundle,
     BundleManifest,
     ModelFile,
@@ -65,7 +69,7 @@ from llb_edge.exporters import parity
 from llb_edge.exporters.lint import LintError, check_model
 from llb_edge.exporters.onnx_export import PRECISIONS, ExportError, export_onnx
 from llb_edge.exporters.openvino import DEFAULT_CALIBRATION_IMAGES, DEFAULT_GATE_IMAGES, add_openvino_variants
-from llb_edge.exporters.parity import PARITY_IMAGES_FILE, ParityError, bundle_parity_images
+from llb_edge.exporters.parity import ParityError, bundle_parity_images
 from llb_edge.exporters.tensorrt import (
     DEFAULT_WORKSPACE_BYTES,
     BatchProfile,
@@ -454,7 +458,6 @@ def export_bundle(
             exports[precision] = result.to_dict()
             lint_notes[precision] = [str(f) for f in findings]
 
-        np.save(staging / PARITY_IMAGES_FILE, images)
         threshold = choose_threshold(run_dir, cfg, onnx_paths["fp32"], validation, threshold_method, target_frr,
                                      threshold_margin)
         (gate_images, gate_sources), (calibration, calibration_sources) = decision_image_sets(
@@ -471,13 +474,12 @@ def export_bundle(
             "input": {"name": INPUT_NAME, "shape": ["batch", cfg.data.crop, cfg.data.crop, 3], "dtype": "uint8",
                       "color": "RGB", "layout": "NHWC"},
             "backbone": dataclasses.asdict(metadata.backbone),
-            "trained_weights_sha256": sha256_file(trained),
-            "top_fraction": cfg.eval.top_fraction,
+            TRAINED_WEIGHTS_KEY: sha256_file(trained),
+            TOP_FRACTION_KEY: cfg.eval.top_fraction,
             SCORE_RANGE_KEY: list(SCORE_RANGE),
             "threshold_rule": threshold.chosen.to_dict(),
-            "threshold_candidates": threshold.candidates,
-            "parity_images": {"path": PARITY_IMAGES_FILE, "sha256": sha256_file(staging / PARITY_IMAGES_FILE),
-                              "count": int(len(images)), "sources": image_sources},
+            THRESHOLD_CANDIDATES_KEY: threshold.candidates,
+            parity.PARITY_IMAGES[0]: store_image_set(staging, parity.PARITY_IMAGES, images, image_sources),
             parity.GATE_IMAGES[0]: store_image_set(staging, parity.GATE_IMAGES, gate_images, gate_sources),
             parity.CALIBRATION_IMAGES[0]: store_image_set(staging, parity.CALIBRATION_IMAGES, calibration,
                                                         calibration_sources),
@@ -496,7 +498,7 @@ def export_bundle(
                 "scores": sorted(float(v) for v in threshold.calibration),
             }
         if threshold.validation is not None:
-            extra["validation"] = {"source": str(validation) if isinstance(validation, str | Path) else "samples",
+            extra[VALIDATION_KEY] = {"source": str(validation) if isinstance(validation, str | Path) else "samples",
                                    **threshold.validation}
         if "tensorrt" in wanted:
             build = build_checked_engine(onnx_paths, cfg.data.crop, images, engine_precision, engine_profile,

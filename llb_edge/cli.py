@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llb_edge.bundle import Bundle
+from llb_edge.bundle import VALIDATION_KEY, Bundle
 from llb_edge.calibration import DEFAULT_TARGET_FRR
 from llb_edge.errors import LLBEdgeError
 from llb_edge.runtime.drift import DEFAULT_NG_RATE_ALPHA, DEFAULT_NG_RATE_WINDOW
@@ -479,7 +479,7 @@ def show_bundle(bundle: Bundle) -> None:
         if frr.get("excluded"):
             typer.echo(f"  {frr['excluded']} calibration images above the outlier cut {frr['outlier_cut']:.4g} left "
                        f"out as suspected defects; if they are normal parts the bound is {frr['upper_if_normal']:.3g}")
-    measured = m.extra.get("validation")
+    measured = m.extra.get(VALIDATION_KEY)
     if measured and measured.get("threshold") == m.threshold.value:
         rates = [f"{name} {measured[key]:.3g} ({measured[count]} of {measured[total]})"
                  for name, key, count, total in (("false-reject rate", "false_reject_rate", "false_rejects", "normal"),
