@@ -44,13 +44,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from llb_edge import runs
+from llb_edge.bundle import THRESHOLD_CANDIDATES_KEY, VALIDATION_KEY
 from llb_edge.calibration import threshold_for_target
 from llb_edge.config import RunConfig, load_config
 from llb_edge.data.images import read_image_rgb
 from llb_edge.data.transforms import Geometry
-from llb_edge.exporters.bundle_export import export_bundle, run_split_samples
+from llb_edge.exporters.bundle_export import export_bundle
 from llb_edge.exporters.parity import onnxruntime_runner
-from llb_edge.exporters.threshold import labelled_rates
+from llb_edge.exporters.threshold import METHOD_QUANTILE, labelled_rates
+from llb_edge.trainer.llb import TABLE as STAGE1_TABLE
 
 REPO = Path(__file__).resolve().parents[1]
 MTD = REPO.parent / "shared" / "data" / "mtd"
@@ -82,7 +85,7 @@ def onnx_scores(onnx_path: Path, paths: list[str], geometry: Geometry, batch: in
 
 
 def stage1_rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "stage1" / "scores.csv", newline="") as handle:
+    with open(run_dir / runs.STAGE1 / STAGE1_TABLE, newline="") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -107,16 +110,16 @@ def one_run(cfg: RunConfig, target_frr: float, bundle_dir: Path) -> dict[str, An
                            overwrite=True)
     manifest = bundle.manifest
     threshold, frr = manifest.threshold.value, manifest.threshold.frr
-    measured = manifest.extra["validation"]
-    test = [json.loads(line) for line in (run_dir / "test_scores.jsonl").read_text().splitlines()]
+    measured = manifest.extra[VALIDATION_KEY]
+    test = [json.loads(line) for line in (run_dir / runs.TEST_SCORES).read_text().splitlines()]
     scores = np.asarray([t["score"] for t in test])
     labels = np.asarray([t["label"] for t in test])
     normal = scores[labels == 0]
     calibration = np.asarray(manifest.extra["calibration"]["scores"])
-    label_of = {sample.path: sample.label for sample in run_split_samples(cfg)[0]}
-    calibration_paths = json.loads((run_dir / "calibration_scores.json").read_text())["scores"]
-    train_scores = np.asarray(list(json.loads((run_dir / "train_scores.json").read_text())["scores"].values()))
-    quantile = manifest.extra["threshold_candidates"]["quantile"]["value"]
+    label_of = {sample.path: sample.label for sample in runs.read_split(run_dir).calibration}
+    calibration_paths = runs.read_json(run_dir / runs.CALIBRATION_SCORES)["scores"]
+    train_scores = np.asarray(list(runs.read_json(run_dir / runs.TRAIN_SCORES)["scores"].values()))
+    quantile = manifest.extra[THRESHOLD_CANDIDATES_KEY][METHOD_QUANTILE]["value"]
     row: dict[str, Any] = {
         "run": str(run_dir), "calibration_count": frr["calibration_count"], "threshold": threshold,
         "expected_frr": frr["expected"], "upper_frr": frr["upper"], "reachable": frr["reachable"],
@@ -136,7 +139,7 @@ def one_run(cfg: RunConfig, target_frr: float, bundle_dir: Path) -> dict[str, An
     no_cut_rates = labelled_rates(scores, labels, no_cut)
     row.update({"threshold_no_cut": no_cut, "frr_no_cut": no_cut_rates["false_reject_rate"],
                 "escape_no_cut": no_cut_rates["escape_rate"]})
-    if (run_dir / "stage1" / "scores.csv").is_file():
+    if (run_dir / runs.STAGE1 / STAGE1_TABLE).is_file():
         rows = stage1_rows(run_dir)
         alternative = threshold_for_target(out_of_subset_scores(rows), target_frr).threshold
         removed = [r["path"] for r in rows if r["status"] == "removed" and r["label"] == "0"]
@@ -219,7 +222,7 @@ def main() -> None:
             name = f"{variant}-seed{seed}"
             cfg = load_config(None, [*overrides, *VARIANTS[variant], f"train.seed={seed}", f"llb.seed={seed}",
                                      f"name={name}", f"out_dir={out / 'runs'}"])
-            if (cfg.run_dir / "config.json").exists():
+            if (cfg.run_dir / runs.CONFIG).exists():
                 raise SystemExit(f"{cfg.run_dir} already holds a run: choose another --out")
             row = one_run(cfg, args.target_frr, out / "bundles" / name)
             results.setdefault(variant, []).append(row)

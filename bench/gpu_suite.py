@@ -337,7 +337,7 @@ def part_metric(s: Settings, out: Path, data: Path, weights: str) -> dict[str, A
     import torch
 
     from llb_edge.config import load_config
-    from llb_edge.runs import read_json
+    from llb_edge.runs import METRICS, read_json
     from llb_edge.trainer.pipeline import run_training
 
     results = {}
@@ -351,7 +351,7 @@ def part_metric(s: Settings, out: Path, data: Path, weights: str) -> dict[str, A
         started = time.perf_counter()
         torch.manual_seed(0)
         run_dir = run_training(load_config(None, overrides))
-        results[precision] = {"metrics": read_json(run_dir / "metrics.json"),
+        results[precision] = {"metrics": read_json(run_dir / METRICS),
                               "seconds": time.perf_counter() - started}
     shutil.rmtree(runs_dir)  # model files need not travel back from the device
     fp32, bf16 = results["fp32"]["metrics"], results["bf16"]["metrics"]

@@ -24,6 +24,7 @@ interrupted export never leaves a half bundle where the runtime would look for o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -45,6 +46,10 @@ from llb_edge.bundle import (
     MAX_OUTPUT,
     SCORE_OUTPUT,
     SCORE_RANGE_KEY,
+    THRESHOLD_CANDIDATES_KEY,
+    TOP_FRACTION_KEY,
+    TRAINED_WEIGHTS_KEY,
+    VALIDATION_KEY,
     Bundle,
     BundleManifest,
     ModelFile,
@@ -64,7 +69,7 @@ from llb_edge.exporters import parity
 from llb_edge.exporters.lint import LintError, check_model
 from llb_edge.exporters.onnx_export import PRECISIONS, ExportError, export_onnx
 from llb_edge.exporters.openvino import DEFAULT_CALIBRATION_IMAGES, DEFAULT_GATE_IMAGES, add_openvino_variants
-from llb_edge.exporters.parity import PARITY_IMAGES_FILE, ParityError, bundle_parity_images
+from llb_edge.exporters.parity import ParityError, bundle_parity_images
 from llb_edge.exporters.tensorrt import (
     DEFAULT_WORKSPACE_BYTES,
     BatchProfile,
@@ -89,6 +94,7 @@ from llb_edge.exporters.threshold import (
     read_train_scores,
 )
 from llb_edge.models.dinomaly import SCORE_RANGE
+from llb_edge.runs import MODEL, TRAIN_LIST, TRAIN_SCORES, RunMetadata, load_inspection_model, read_json, read_split
 from llb_edge.runtime.openvino_backend import PRECISIONS as OPENVINO_PRECISIONS
 from llb_edge.runtime.openvino_backend import import_openvino
 
@@ -156,24 +162,12 @@ def _load_images(paths: Sequence[str], geometry: Geometry) -> np.ndarray:
     return out
 
 
-def run_split_samples(cfg: RunConfig) -> tuple[list[Sample], list[Sample]]:
-    """The run's (train, test) samples as the trainer listed them, without decoding every image."""
-    from llb_edge.data.readers import load_dataset
-    from llb_edge.data.samples import contaminate
-
-    split = load_dataset(cfg.data)
-    alpha = float(getattr(cfg.data, "contamination", 0.0) or 0.0)
-    if alpha > 0:
-        split = contaminate(split, alpha, cfg.data.split_seed)
-    return split.train, split.test
-
-
 def parity_image_set(
     run_dir: Path, cfg: RunConfig, images: np.ndarray | Sequence[str] | None, count: int
 ) -> tuple[np.ndarray, list[str]]:
-    """Real images for the parity gate: given ones, else an even normal/defect spread of the test split.
+    """Real images for the parity gate: given ones, else an even normal/defect spread of the run's test split.
 
-    Falls back to the run's kept training images when the test split cannot be read here.
+    Falls back to the run's kept training images when too few test images are on this machine.
     """
     geometry = Geometry(cfg.data.resize, cfg.data.crop)
     if isinstance(images, np.ndarray):
@@ -184,17 +178,12 @@ def parity_image_set(
     if images is not None:
         paths = [str(p) for p in images]
         return _load_images(paths, geometry), paths
-    candidates: list[Sample] = []
-    try:
-        _, test = run_split_samples(cfg)
-        chosen = parity.spread_indices([s.label for s in test], count)
-        candidates = [test[i] for i in chosen]
-    except Exception as err:  # noqa: BLE001 - any reader failure: fall back to the run's own list
-        log.warning("cannot read the run's test split for parity (%s); using its training images", err)
-    candidates = [s for s in candidates if Path(s.path).is_file()]
+    test = read_split(run_dir).test
+    candidates = [s for s in (test[i] for i in parity.spread_indices([s.label for s in test], count))
+                  if Path(s.path).is_file()]
     if len(candidates) < parity.MIN_PARITY_IMAGES:
-        from llb_edge.runs import TRAIN_LIST
-
+        log.warning("only %d of the run's test images are readable here for parity; using its training images",
+                    len(candidates))
         kept = [s for s in load_sample_list(run_dir / TRAIN_LIST) if Path(s.path).is_file()]
         candidates = [kept[i] for i in parity.spread_indices([s.label for s in kept], count)]
     if len(candidates) < parity.MIN_PARITY_IMAGES:
@@ -210,24 +199,17 @@ def decision_image_sets(
     """((gate images, paths), (calibration images, paths)) for the decision gate and INT8 calibration.
 
     Calibration: an even spread of the run's kept training images (what the model calls normal).
-    Gate: an even normal/defect spread of the test split, plus a third of kept training images the
+    Gate: an even normal/defect spread of the run's test split, plus a third of kept training images the
     calibration did not use (the threshold is a quantile of their scores, so they sit near it:
-    where a flipped decision is a false NG on a good part). Test split unreadable here: training only.
+    where a flipped decision is a false NG on a good part). Test images not on this machine: training only.
     """
-    from llb_edge.runs import TRAIN_LIST
-
     kept = [s for s in load_sample_list(run_dir / TRAIN_LIST) if Path(s.path).is_file()]
     chosen = set(parity.spread_indices([NORMAL] * len(kept), calibration_count))
     calibration = [kept[i] for i in sorted(chosen)]
     unused = [s for i, s in enumerate(kept) if i not in chosen]
     unused = [unused[i] for i in parity.spread_indices([NORMAL] * len(unused), gate_count // 3)]
-    test: list[Sample] = []
-    try:
-        _, split_test = run_split_samples(cfg)
-        split_test = [s for s in split_test if Path(s.path).is_file()]
-        test = [split_test[i] for i in parity.spread_indices([s.label for s in split_test], gate_count - len(unused))]
-    except Exception as err:  # noqa: BLE001 - any reader failure: gate on training images only
-        log.warning("cannot read the run's test split for the decision gate (%s); using training images", err)
+    readable_test = [s for s in read_split(run_dir).test if Path(s.path).is_file()]
+    test = [readable_test[i] for i in parity.spread_indices([s.label for s in readable_test], gate_count - len(unused))]
     gate = test + unused
     if len(gate) < parity.MIN_PARITY_IMAGES:
         gate += calibration  # a tiny run: better gated on the calibration images than not at all
@@ -244,14 +226,14 @@ def store_image_set(root: Path, image_set: tuple[str, str], images: np.ndarray, 
     return {"path": file_name, "sha256": sha256_file(root / file_name), "count": int(len(images)), "sources": sources}
 
 
-def validation_samples(run_dir: Path, cfg: RunConfig, validation: str | Path | Sequence[Sample]) -> list[Sample]:
-    """Labelled validation samples: a Sample list, a JSONL sample list, or "test" (the run's test split).
+def validation_samples(run_dir: Path, validation: str | Path | Sequence[Sample]) -> list[Sample]:
+    """Labelled validation samples: a Sample list, a JSONL sample list, or "test" (the run's recorded test split).
 
     "test" is optimistic (the threshold is then tuned on the images the run was evaluated on); a
     separate labelled set from the line is the honest choice.
     """
     if isinstance(validation, str) and validation == "test":
-        samples = run_split_samples(cfg)[1]
+        samples = read_split(run_dir).test
     elif isinstance(validation, str | Path):
         samples = load_sample_list(validation)
     else:
@@ -276,8 +258,6 @@ def _train_score_check(run_dir: Path, onnx_path: Path, geometry: Geometry, count
     The default threshold comes from those recorded scores; this confirms they belong to the model
     being exported (same backbone, same weights, same pre-processing).
     """
-    from llb_edge.runs import TRAIN_SCORES, read_json
-
     recorded = read_json(run_dir / TRAIN_SCORES).get("scores") or {}
     paths = [p for p in sorted(recorded) if Path(p).is_file()]
     if not paths:
@@ -322,7 +302,7 @@ def choose_threshold(
         threshold_method = METHOD_QUANTILE
     scores = labels = None
     if validation is not None:
-        samples = validation_samples(run_dir, cfg, validation)
+        samples = validation_samples(run_dir, validation)
         scores = _score_images(onnx_fp32, [s.path for s in samples], Geometry(cfg.data.resize, cfg.data.crop))
         labels = np.asarray([s.label for s in samples])
         choices[METHOD_F1MAX] = f1max_threshold(scores, labels)
@@ -339,20 +319,19 @@ def choose_threshold(
 
 
 def _manifest(
-    run_dir: Path, cfg: RunConfig, metadata: dict[str, Any], model_id: str | None, model_version: str | None,
+    run_dir: Path, cfg: RunConfig, metadata: RunMetadata, model_id: str | None, model_version: str | None,
     threshold: ThresholdDecision, files: dict[str, ModelFile], extra: dict[str, Any],
 ) -> BundleManifest:
     created = utc_now()
     _, stats = read_train_scores(run_dir)
-    backbone = metadata.get("backbone", {})
     map_size = cfg.eval.map_size
     return BundleManifest(
         model_id=model_id or cfg.name,
         model_version=model_version or dt.datetime.now(dt.UTC).strftime("%Y%m%d.%H%M%S"),
         created=created,
         source_run=str(run_dir.resolve()),
-        encoder=str(metadata.get("encoder", cfg.model.encoder)),
-        weights_sha256=str(backbone.get("sha256") or ""),
+        encoder=metadata.encoder,
+        weights_sha256=metadata.backbone.sha256 or "",
         preprocessing=Preprocessing(resize=cfg.data.resize, crop=cfg.data.crop, mean=tuple(IMAGENET_MEAN),
                                     std=tuple(IMAGENET_STD)),
         map_size=map_size,
@@ -449,10 +428,6 @@ def export_bundle(
     import onnxruntime
     import torch
 
-    from llb_edge.runs import MODEL, load_inspection_model, read_json, read_run_config
-
-    cfg = read_run_config(run_dir)
-    metadata = read_json(run_dir / "metadata.json")
     model, cfg, metadata = load_inspection_model(run_dir, "cpu", weights)
     geometry = Geometry(cfg.data.resize, cfg.data.crop)
     images, image_sources = parity_image_set(run_dir, cfg, images_for_parity, parity_count)
@@ -483,7 +458,6 @@ def export_bundle(
             exports[precision] = result.to_dict()
             lint_notes[precision] = [str(f) for f in findings]
 
-        np.save(staging / PARITY_IMAGES_FILE, images)
         threshold = choose_threshold(run_dir, cfg, onnx_paths["fp32"], validation, threshold_method, target_frr,
                                      threshold_margin)
         (gate_images, gate_sources), (calibration, calibration_sources) = decision_image_sets(
@@ -499,14 +473,13 @@ def export_bundle(
         extra: dict[str, Any] = {
             "input": {"name": INPUT_NAME, "shape": ["batch", cfg.data.crop, cfg.data.crop, 3], "dtype": "uint8",
                       "color": "RGB", "layout": "NHWC"},
-            "backbone": metadata.get("backbone", {}),
-            "trained_weights_sha256": sha256_file(trained),
-            "top_fraction": cfg.eval.top_fraction,
+            "backbone": dataclasses.asdict(metadata.backbone),
+            TRAINED_WEIGHTS_KEY: sha256_file(trained),
+            TOP_FRACTION_KEY: cfg.eval.top_fraction,
             SCORE_RANGE_KEY: list(SCORE_RANGE),
             "threshold_rule": threshold.chosen.to_dict(),
-            "threshold_candidates": threshold.candidates,
-            "parity_images": {"path": PARITY_IMAGES_FILE, "sha256": sha256_file(staging / PARITY_IMAGES_FILE),
-                              "count": int(len(images)), "sources": image_sources},
+            THRESHOLD_CANDIDATES_KEY: threshold.candidates,
+            parity.PARITY_IMAGES[0]: store_image_set(staging, parity.PARITY_IMAGES, images, image_sources),
             parity.GATE_IMAGES[0]: store_image_set(staging, parity.GATE_IMAGES, gate_images, gate_sources),
             parity.CALIBRATION_IMAGES[0]: store_image_set(staging, parity.CALIBRATION_IMAGES, calibration,
                                                         calibration_sources),
@@ -525,7 +498,7 @@ def export_bundle(
                 "scores": sorted(float(v) for v in threshold.calibration),
             }
         if threshold.validation is not None:
-            extra["validation"] = {"source": str(validation) if isinstance(validation, str | Path) else "samples",
+            extra[VALIDATION_KEY] = {"source": str(validation) if isinstance(validation, str | Path) else "samples",
                                    **threshold.validation}
         if "tensorrt" in wanted:
             build = build_checked_engine(onnx_paths, cfg.data.crop, images, engine_precision, engine_profile,

@@ -38,7 +38,13 @@ SCORE_OUTPUT = "score"  # float32 [B], mean of the top fraction of map pixels
 MAX_OUTPUT = "score_max"  # float32 [B], max of the map
 
 MODEL_FORMATS = ("onnx", "tensorrt", "openvino", "safetensors")
-SCORE_RANGE_KEY = "score_range"  # extra.score_range: [lo, hi] every score of the graph lies in
+# bundle.json ``extra`` keys that a module other than the exporter reads (docs/bundle.md lists every
+# key): spelled here once; the typed accessors of :class:`Bundle` read the runtime's.
+SCORE_RANGE_KEY = "score_range"  # [lo, hi] every score of the graph lies in
+TOP_FRACTION_KEY = "top_fraction"  # the share of map cells the graph's score averages
+TRAINED_WEIGHTS_KEY = "trained_weights_sha256"  # sha256 of the source run's model.safetensors
+THRESHOLD_CANDIDATES_KEY = "threshold_candidates"  # every threshold the exporter considered
+VALIDATION_KEY = "validation"  # measured rates on labelled images at the chosen threshold
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -160,6 +166,18 @@ class Bundle:
         if isinstance(values, list | tuple) and len(values) == 2 and all(is_finite_number(v) for v in values):
             return float(values[0]), float(values[1])
         return None
+
+    @property
+    def top_fraction(self) -> float | None:
+        """The share of map cells the graph's score averages, when the exporter recorded a valid one."""
+        value = self.manifest.extra.get(TOP_FRACTION_KEY)
+        return float(value) if is_finite_number(value) and 0 < value <= 1 else None
+
+    @property
+    def trained_weights_sha256(self) -> str | None:
+        """sha256 of the source run's trained weights (model.safetensors), when recorded."""
+        value = self.manifest.extra.get(TRAINED_WEIGHTS_KEY)
+        return value if isinstance(value, str) and _SHA256.match(value) else None
 
 
 def confined_path(root: str | Path, relative: str) -> Path:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from llb_edge.bundle import Bundle
+from llb_edge.bundle import VALIDATION_KEY, Bundle
 from llb_edge.calibration import DEFAULT_TARGET_FRR
 from llb_edge.errors import LLBEdgeError
 from llb_edge.protocol import DEFAULT_CONTROL, DEFAULT_INTAKE, DEFAULT_RESULTS
@@ -92,7 +92,7 @@ def train(
     """
     setup_logging(verbose)
     from llb_edge.config import load_config
-    from llb_edge.runs import read_run_config
+    from llb_edge.runs import CONFIG, METRICS, read_run_config
 
     flags = {
         "name": name, "out_dir": out_dir, "data.root": data, "data.dataset": dataset, "data.category": category,
@@ -103,7 +103,7 @@ def train(
     settings = [f"{key}={value}" for key, value in flags.items() if value is not None] + list(overrides or [])
     try:
         cfg = load_config(config, settings)
-        if resume and (cfg.run_dir / "config.json").exists():
+        if resume and (cfg.run_dir / CONFIG).exists():
             saved = read_run_config(cfg.run_dir)
             saved.train.device = cfg.train.device
             cfg = saved
@@ -113,7 +113,7 @@ def train(
     except USER_ERRORS as err:
         fail(str(err))
     typer.echo(f"run directory: {run_dir}")
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS
     if metrics_path.exists():
         typer.echo(json.dumps(json.loads(metrics_path.read_text()), indent=2))
 
@@ -512,7 +512,7 @@ def show_bundle(bundle: Bundle) -> None:
         if frr.get("excluded"):
             typer.echo(f"  {frr['excluded']} calibration images above the outlier cut {frr['outlier_cut']:.4g} left "
                        f"out as suspected defects; if they are normal parts the bound is {frr['upper_if_normal']:.3g}")
-    measured = m.extra.get("validation")
+    measured = m.extra.get(VALIDATION_KEY)
     if measured and measured.get("threshold") == m.threshold.value:
         rates = [f"{name} {measured[key]:.3g} ({measured[count]} of {measured[total]})"
                  for name, key, count, total in (("false-reject rate", "false_reject_rate", "false_rejects", "normal"),

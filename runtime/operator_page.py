@@ -139,15 +139,15 @@ def render_view(
     image: np.ndarray,
     anomaly_map: np.ndarray,
     geometry: Geometry,
-    pixel_threshold: float,
+    threshold: float,
     bbox: tuple[int, int, int, int] | None,
     max_side: int,
     with_map: bool,
 ) -> np.ndarray:
     """The frame (uint8 RGB) downscaled to ``max_side``, the map overlaid as heat, the region boxed.
 
-    The heat colour is the map relative to the pixel threshold (the threshold is the middle of the
-    colour scale), so the same colour means the same thing on every frame and model.
+    The heat colour is the map relative to ``threshold``, the decision threshold in use (it is the
+    middle of the colour scale), so the same colour means the same thing on every frame and model.
     """
     height, width = image.shape[:2]
     scale = min(1.0, max_side / max(height, width))
@@ -155,7 +155,7 @@ def render_view(
     view = _downscale(image, out_w, out_h) if scale < 1 else image.copy()
     if with_map:
         values = geometry.map_to_original(anomaly_map.reshape(anomaly_map.shape[-2:]), out_h, out_w)
-        reference = pixel_threshold if pixel_threshold > 0 else max(float(values.max()), 1e-12)
+        reference = threshold if threshold > 0 else max(float(values.max()), 1e-12)
         level = np.clip(values / (2 * reference), 0.0, 1.0)
         heat = cv2.cvtColor(cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
         weight = (OVERLAY_MAX_ALPHA * level).astype(np.float32)
@@ -185,7 +185,7 @@ class PageFrame:
     image: np.ndarray
     anomaly_map: np.ndarray
     geometry: Geometry
-    pixel_threshold: float
+    threshold: float
     inspected_at: float  # time.time()
     received: float  # perf_counter when the daemon received it
     _jpegs: dict[str, bytes] = field(default_factory=dict)
@@ -216,7 +216,7 @@ class PageFrame:
                 bbox = self.result.region.bbox if self.result.region is not None else None
                 max_side, with_map = IMAGE_VIEWS[view]
                 rgb = render_view(
-                    self.image, self.anomaly_map, self.geometry, self.pixel_threshold, bbox, max_side, with_map
+                    self.image, self.anomaly_map, self.geometry, self.threshold, bbox, max_side, with_map
                 )
                 data = self._jpegs[view] = encode_jpeg(rgb)
             return data
@@ -313,7 +313,7 @@ class OperatorPage:
         image: np.ndarray,
         anomaly_map: np.ndarray,
         geometry: Geometry,
-        pixel_threshold: float,
+        threshold: float,
         received: float,
     ) -> None:
         """Keep an inspected frame for the page: O(1), no encoding (called by the daemon's post workers).
@@ -328,7 +328,7 @@ class OperatorPage:
         own_map = np.array(anomaly_map, dtype=np.float32, copy=True)
         with self._lock:
             self._seq += 1
-            frame = PageFrame(self._seq, result, image, own_map, geometry, pixel_threshold, now, received)
+            frame = PageFrame(self._seq, result, image, own_map, geometry, threshold, now, received)
             camera = self._cameras.setdefault(result.camera_id, _Camera())
             if camera.latest is None or received >= camera.latest.received:
                 camera.latest = frame

@@ -43,10 +43,8 @@ from llb_edge.runtime.roi import RegionOfInterest, masked_scores
 
 def top_fraction_of(bundle: Bundle) -> float:
     """The fraction of map cells the graph's score averages (bundle.json ``extra.top_fraction``)."""
-    value = bundle.manifest.extra.get("top_fraction")
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1:
-        return float(value)
-    return EvalConfig.top_fraction
+    recorded = bundle.top_fraction
+    return EvalConfig.top_fraction if recorded is None else recorded
 
 
 @dataclass(frozen=True)

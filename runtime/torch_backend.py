@@ -152,7 +152,7 @@ def _model_from_run(bundle: Bundle, weights: str | None = None) -> InspectionMod
     if not trained.is_file():
         raise BackendError(f"bundle {bundle.root} holds no torch weights ({TORCH_WEIGHTS_KEY}) and its source run "
                            f"{run_dir} is not here; add them where the run is: llb-edge bundle add-torch-weights")
-    expected = bundle.manifest.extra.get("trained_weights_sha256")
+    expected = bundle.trained_weights_sha256
     if not expected or sha256_file(trained) != expected:
         raise BackendError(f"{trained} is not the model this bundle was exported from (sha256 "
                            f"{expected or 'not recorded'}); re-export the bundle from the run")

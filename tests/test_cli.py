@@ -23,7 +23,7 @@ def test_train_writes_a_complete_run_and_eval_reproduces_it(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     run = tmp_path / "cli"
-    for name in ("config.json", "metadata.json", "model.safetensors", "metrics.json", "train_list.jsonl",
+    for name in ("config.json", "metadata.json", "split.json", "model.safetensors", "metrics.json", "train_list.jsonl",
                  "train_scores.json", "test_scores.jsonl"):
         assert (run / name).is_file(), name
     assert len(list((run / "overlays").glob("*.png"))) == 4
@@ -38,7 +38,9 @@ def test_train_writes_a_complete_run_and_eval_reproduces_it(tmp_path):
     assert len(train_list) + len(calibration) == 24 + int(0.1 * 24)  # contamination moved 2 defects in
     defects = [item for item in train_list if item["label"] == 1] + [p for p in calibration if "MT_Free" not in p]
     assert len(defects) == 2
-    assert metadata["train_paths"] == [item["path"] for item in train_list]
+    split = json.loads((run / "split.json").read_text())
+    trained_on = {item["path"] for item in train_list}
+    assert trained_on | set(calibration) == {item["path"] for item in split["train"]}
     first = json.loads((run / "metrics.json").read_text())
     assert {"i_auroc", "p_auroc", "aupro", "i_f1max"} <= first.keys()
 

@@ -26,13 +26,16 @@ from llb_edge.bundle import (
     BundleError,
     load_bundle,
     set_threshold,
+    sha256_file,
 )
 from llb_edge.calibration import DEFAULT_CALIBRATION_OUTLIER_Z
+from llb_edge.config import load_config
 from llb_edge.exporters import parity
 from llb_edge.exporters.bundle_export import bundle_parity_images, export_bundle, resolve_formats
 from llb_edge.exporters.lint import LintError, lint_model
 from llb_edge.exporters.onnx_export import ExportError, export_onnx
 from llb_edge.exporters.parity import ParityError, rankdata, spearman
+from llb_edge.runs import read_split
 
 CROP, MAP = 56, 64  # tiny run geometry (conftest.tiny_overrides)
 
@@ -87,6 +90,13 @@ def test_bundle_manifest(exported: tuple[Path, list[str]], tiny_run: Path) -> No
     # The recorded training scores belong to the exported model (same random encoder, same weights).
     assert extra["train_scores_check"]["checked"] > 0
     assert extra["train_scores_check"]["max_abs_diff"] < 1e-4
+    # What the runtime reads from extra, through the bundle's typed accessors.
+    assert bundle.trained_weights_sha256 == sha256_file(tiny_run / "model.safetensors")
+    assert bundle.top_fraction == extra["top_fraction"] == load_config(None, []).eval.top_fraction
+    assert extra["backbone"] == {"source": "random", "path": None, "sha256": None}
+    parity_sources = extra["parity_images"]["sources"]
+    recorded_test = {s.path for s in read_split(tiny_run).test}
+    assert len(parity_sources) == extra["parity_images"]["count"] and set(parity_sources) <= recorded_test
 
 
 def test_parity_numbers_within_tolerance(exported: tuple[Path, list[str]]) -> None:

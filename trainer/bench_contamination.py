@@ -50,12 +50,10 @@ from llb_edge.data.images import validate_split
 from llb_edge.data.readers import load_contaminated
 from llb_edge.data.samples import ANOMALOUS, DatasetSplit, Sample
 from llb_edge.data.transforms import Geometry
-from llb_edge.models.dinomaly import DinoEncoder, Dinomaly, InspectionModel, create_dinomaly, encoder_spec
-from llb_edge.trainer.evaluate import evaluate
+from llb_edge.models.dinomaly import DinoEncoder, create_dinomaly
 from llb_edge.trainer.features import EncodedImages, load_model_inputs
 from llb_edge.trainer.llb import keep_count, screen, select_lowest
-from llb_edge.trainer.pipeline import make_scorer
-from llb_edge.trainer.train import train_dinomaly
+from llb_edge.trainer.pipeline import evaluate_model, make_scorer, new_final_model, train_stage2
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +77,12 @@ def train_and_evaluate(
     cfg: RunConfig, encoder: DinoEncoder, features: EncodedImages, split: DatasetSplit, positions: np.ndarray,
     run_dir: Path, device: torch.device, loss_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Stage 2 on ``positions`` of the shared features, then the test-split metrics."""
+    """Stage 2 on ``positions`` of the shared features (the training pipeline's), then the test-split metrics."""
     torch.manual_seed(cfg.train.seed)
-    final = Dinomaly(encoder, encoder_spec(cfg.model.encoder).num_heads, cfg.model.dropout).to(device)
-    train_dinomaly(final, features, positions, cfg.train, cfg.train.iterations, cfg.train.seed,
-                   checkpoint=run_dir / runs.CHECKPOINT, resume=True, log_path=run_dir / "train_log.jsonl",
-                   desc=f"stage 2 ({run_dir.parent.name}/{run_dir.name})", loss_weights=loss_weights)
-    inspection = InspectionModel(final, make_scorer(cfg)).to(device).eval()
-    metrics = evaluate(inspection, split.test, Geometry(cfg.data.resize, cfg.data.crop), cfg.eval, device)
+    final = new_final_model(cfg, encoder).to(device)
+    train_stage2(cfg, final, features, positions, run_dir, resume=True, loss_weights=loss_weights,
+                 desc=f"stage 2 ({run_dir.parent.name}/{run_dir.name})")
+    metrics = evaluate_model(cfg, final, split.test, device, None)
     (run_dir / runs.CHECKPOINT).unlink(missing_ok=True)  # the bench keeps metrics, not models
     return metrics
 
@@ -131,7 +127,7 @@ def run_variant(
         positions = np.asarray([i for i, s in enumerate(split.train) if s.label != ANOMALOUS], dtype=np.int64)
         below_cut = [split.train[i] for i in positions]
     elif vcfg is not None:
-        result = screen(vcfg, encoder, features, split.train, run_dir / "stage1", True, make_scorer(cfg))
+        result = screen(vcfg, encoder, features, split.train, run_dir / runs.STAGE1, True, make_scorer(cfg))
         positions, screening, loss_weights = result.kept_positions, result.summary, result.loss_weights
         kept = set(result.kept)
         below_cut = [s for s in split.train if s.path in kept]

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from llb_edge import runs
 from llb_edge.config import EvalConfig
 from llb_edge.data.images import read_image_rgb, read_mask
 from llb_edge.data.samples import Sample
@@ -104,12 +105,12 @@ def evaluate(
         metrics.update(pixels.compute())
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "test_scores.jsonl", "w") as handle:
+        with open(out_dir / runs.TEST_SCORES, "w") as handle:
             for sample, score, peak in zip(samples, scores, maxes, strict=True):
                 handle.write(json.dumps({"path": sample.path, "label": sample.label, "score": float(score),
                                          "max": float(peak)}) + "\n")
         if panels:
-            overlay_dir = out_dir / "overlays"
+            overlay_dir = out_dir / runs.OVERLAYS
             overlay_dir.mkdir(exist_ok=True)
             vmax = max(float(m.max()) for _, m, _ in panels.values())
             for index, (image, anomaly_map, mask) in panels.items():

@@ -70,7 +70,7 @@ from llb_edge.data.samples import ANOMALOUS, UNKNOWN, Sample, save_sample_list
 from llb_edge.data.transforms import Geometry
 from llb_edge.metrics import image_metrics
 from llb_edge.models.dinomaly import AnomalyScorer, DinoEncoder
-from llb_edge.runs import RunError, read_json, write_json
+from llb_edge.runs import STAGE1, RunError, read_json, write_json
 from llb_edge.trainer.evaluate import overlay
 from llb_edge.trainer.features import EncodedImages
 from llb_edge.trainer.submodels import (
@@ -83,7 +83,6 @@ from llb_edge.trainer.submodels import (
 
 log = logging.getLogger(__name__)
 
-STAGE1 = "stage1"
 SUBSETS = "subsets.json"
 SCORES = "scores.json"
 TABLE = "scores.csv"

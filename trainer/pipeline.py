@@ -14,13 +14,20 @@ from safetensors.torch import save_file
 from llb_edge import runs
 from llb_edge.config import RunConfig, TrainConfig, write_config
 from llb_edge.data.images import validate_split
-from llb_edge.data.readers import load_contaminated, load_dataset
-from llb_edge.data.samples import DatasetSplit, save_sample_list
+from llb_edge.data.readers import load_configured_split
+from llb_edge.data.samples import DatasetSplit, Sample, save_sample_list
 from llb_edge.data.transforms import Geometry
-from llb_edge.models.dinomaly import AnomalyScorer, Dinomaly, InspectionModel, create_dinomaly
+from llb_edge.models.dinomaly import (
+    AnomalyScorer,
+    DinoEncoder,
+    Dinomaly,
+    InspectionModel,
+    create_dinomaly,
+    encoder_spec,
+)
 from llb_edge.trainer.evaluate import evaluate, score_encoded
 from llb_edge.trainer.features import EncodedImages, load_model_inputs
-from llb_edge.trainer.train import train_dinomaly
+from llb_edge.trainer.train import TrainResult, train_dinomaly
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +78,34 @@ def calibration_split(positions: np.ndarray, train: TrainConfig) -> tuple[np.nda
 
 
 def load_split(cfg: RunConfig) -> DatasetSplit:
-    """The run's train/test split, files checked up front, contamination applied when configured."""
-    data = cfg.data
-    split = load_contaminated(data, data.contamination, data.split_seed) if data.contamination else load_dataset(data)
-    return validate_split(split, data.on_bad_file)
+    """The train/test split a new run reads, files checked up front, contamination applied when configured.
+
+    Only training reads the dataset; the run records what it read (runs.RunSplit) for the rest.
+    """
+    return validate_split(load_configured_split(cfg.data), cfg.data.on_bad_file)
+
+
+def new_final_model(cfg: RunConfig, encoder: DinoEncoder) -> Dinomaly:
+    """A fresh stage-2 model (bottleneck + decoder) on the shared frozen encoder."""
+    return Dinomaly(encoder, encoder_spec(cfg.model.encoder).num_heads, cfg.model.dropout)
+
+
+def train_stage2(
+    cfg: RunConfig, final: Dinomaly, features: EncodedImages, positions: np.ndarray, run_dir: Path, resume: bool,
+    loss_weights: torch.Tensor | None = None, desc: str = "stage 2",
+) -> TrainResult:
+    """Stage 2: train ``final`` on ``positions`` of the encoded training images (resumable in ``run_dir``)."""
+    return train_dinomaly(final, features, positions, cfg.train, cfg.train.iterations, cfg.train.seed,
+                          checkpoint=run_dir / runs.CHECKPOINT, resume=resume, log_path=run_dir / runs.TRAIN_LOG,
+                          desc=desc, loss_weights=loss_weights)
+
+
+def evaluate_model(
+    cfg: RunConfig, model: Dinomaly, test: list[Sample], device: torch.device, out_dir: Path | None
+) -> dict[str, float]:
+    """The test-split metrics of a trained model (per-image scores and overlays into ``out_dir`` when given)."""
+    inspection = InspectionModel(model, make_scorer(cfg)).to(device).eval()
+    return evaluate(inspection, test, Geometry(cfg.data.resize, cfg.data.crop), cfg.eval, device, out_dir)
 
 
 def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = True) -> Path:
@@ -134,14 +165,10 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
         calibration_samples = [split.train[i] for i in held]
     train_samples = [samples[i] for i in kept]
     save_sample_list(train_samples, run_dir / runs.TRAIN_LIST)
+    runs.write_split(run_dir, runs.RunSplit(split.name, split.train, split.test, calibration_samples))
 
-    final = model if "1" not in stages else Dinomaly(model.encoder, model.decoder[0].attn.num_heads,
-                                                      cfg.model.dropout)
-    result = train_dinomaly(
-        final, features, kept, cfg.train, cfg.train.iterations, cfg.train.seed,
-        checkpoint=run_dir / runs.CHECKPOINT, resume=resume, log_path=run_dir / "train_log.jsonl", desc="stage 2",
-        loss_weights=loss_weights,
-    )
+    final = model if "1" not in stages else new_final_model(cfg, model.encoder)
+    result = train_stage2(cfg, final, features, kept, run_dir, resume, loss_weights)
     save_file({k: v.detach().cpu().contiguous() for k, v in final.trainable_state_dict().items()},
               str(run_dir / runs.MODEL))
     scorer = make_scorer(cfg).to(device)
@@ -161,47 +188,41 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
             "stats": score_stats(calibration_scores),
             "scores": {s.path: float(v) for s, v in zip(calibration_samples, calibration_scores, strict=True)},
         })
-    metadata = {
-        "encoder": cfg.model.encoder,
-        "backbone": backbone,
-        "input": {"resize": cfg.data.resize, "crop": cfg.data.crop},
-        "iterations": cfg.train.iterations,
-        "batch_size": cfg.train.batch_size,
-        "device": str(device),
-        "precision": cfg.train.precision,
-        "train_images": len(train_samples),
-        "calibration_images": len(calibration_samples),
-        "calibration_source": cfg.train.calibration_source,
-        "train_list": runs.TRAIN_LIST,  # with labels when known
-        "train_paths": [sample.path for sample in train_samples],
-        "dataset": {"name": split.name, "train": len(split.train), "test": len(split.test)},
-        "stages": sorted(stages),
-        "screening": screening,
-        "timing": {"encode_seconds": encode_seconds, "train_seconds": result.seconds,
-                   "train_images_per_second": result.images_per_second},
-        "final_loss": result.final_loss,
-    }
-    runs.write_json(run_dir / runs.METADATA, metadata)
+    runs.write_metadata(run_dir, runs.RunMetadata(
+        encoder=cfg.model.encoder,
+        backbone=runs.BackboneRecord(**backbone),
+        input=runs.InputSize(resize=cfg.data.resize, crop=cfg.data.crop),
+        iterations=cfg.train.iterations,
+        batch_size=cfg.train.batch_size,
+        device=str(device),
+        precision=cfg.train.precision,
+        train_images=len(train_samples),
+        dataset=runs.DatasetSizes(name=split.name, train=len(split.train), test=len(split.test)),
+        stages=sorted(stages),
+        screening=screening,
+        timing=runs.TrainTiming(encode_seconds=encode_seconds, train_seconds=result.seconds,
+                                train_images_per_second=result.images_per_second),
+        final_loss=result.final_loss,
+        calibration_images=len(calibration_samples),
+        calibration_source=cfg.train.calibration_source,
+    ))
     if evaluate_after and split.test:
-        inspection = InspectionModel(final, make_scorer(cfg)).to(device).eval()
-        metrics = evaluate(inspection, split.test, geometry, cfg.eval, device, run_dir)
-        runs.write_json(run_dir / runs.METRICS, metrics)
+        runs.write_json(run_dir / runs.METRICS, evaluate_model(cfg, final, split.test, device, run_dir))
     return run_dir
 
 
 def run_evaluation(
     run_dir: Path, device: str = "auto", weights: str | None = None, precision: str = "fp32"
 ) -> dict[str, float]:
-    """`llb-edge eval`: re-evaluate a finished run on its test split (fp32, or under bf16 autocast).
+    """`llb-edge eval`: re-evaluate a finished run on its recorded test split (fp32, or under bf16 autocast).
 
     fp32 results go to metrics.json; bf16 results to metrics_bf16.json, so both can be compared.
     """
     target = runs.resolve_device(device)
     inspection, cfg, _ = runs.load_inspection_model(run_dir, str(target), weights)
-    split = load_split(cfg)
+    test = runs.read_split(run_dir).test
     geometry = Geometry(cfg.data.resize, cfg.data.crop)
     with torch.autocast(target.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        metrics = evaluate(inspection, split.test, geometry, cfg.eval, target,
-                           run_dir if precision == "fp32" else None)
-    runs.write_json(run_dir / (runs.METRICS if precision == "fp32" else f"metrics_{precision}.json"), metrics)
+        metrics = evaluate(inspection, test, geometry, cfg.eval, target, run_dir if precision == "fp32" else None)
+    runs.write_json(run_dir / runs.metrics_name(precision), metrics)
     return metrics

@@ -11,7 +11,7 @@ One cycle, in ``<out_root>/<name>/``::
 
 The training set is a generated "folder" dataset over data/pool, and the held-back slice is that
 reader's seeded test split (``data.test_fraction = holdout_fraction``, ``data.split_seed = seed``),
-so the slice is reproducible from the run's own config.json. Labelled frames are never trained on:
+read back from the run's record of its split (split.json). Labelled frames are never trained on:
 they are evaluated with both models, besides the held-back slice.
 
 Both bundles are scored with ONNX Runtime exactly as the daemon scores frames (same decode, same
@@ -43,7 +43,7 @@ from llb_edge import metrics
 from llb_edge.bundle import Bundle, load_bundle, operator_name, utc_now
 from llb_edge.config import RunConfig, apply_overrides, load_config, validate
 from llb_edge.errors import LLBEdgeError
-from llb_edge.runs import read_json, read_run_config, write_json
+from llb_edge.runs import CONFIG, METADATA, read_json, read_metadata, read_run_config, read_split, write_json
 from llb_edge.runtime.pool import PoolFrame, read_pool
 from llb_edge.runtime.versions import VersionChange, list_versions, promote, resolve_bundle_dir
 from llb_edge.trainer.label import read_labels
@@ -336,7 +336,7 @@ def retrain_config(
         cfg = load_config(config, list(overrides))
     else:
         source = Path(current.manifest.source_run)
-        base = read_run_config(source) if (source / "config.json").is_file() else RunConfig()
+        base = read_run_config(source) if (source / CONFIG).is_file() else RunConfig()
         cfg = apply_overrides(base, overrides)
     cfg.name, cfg.out_dir = RUN_NAME, str(work_dir)
     d = cfg.data
@@ -380,7 +380,6 @@ def retrain(
     only when the gate passes; otherwise the candidate and its report stay in the work folder, where
     `llb-edge promote` can still install it by hand. ``current_bundle_dir`` may be a versions root.
     ``resume_dir``: a cycle's work folder to continue (its recipe is the saved one, not ``config``)."""
-    from llb_edge.data.readers import load_dataset
     from llb_edge.exporters.bundle_export import export_bundle
     from llb_edge.trainer.pipeline import run_training
 
@@ -414,23 +413,23 @@ def retrain(
     if len(unlabeled) < MIN_TRAIN_FRAMES + 1:
         raise RetrainError(f"pool {pool_dir} has {len(unlabeled)} unlabelled frames; capture more before retraining")
     saved_run = work / RUN_NAME
-    if (saved_run / "config.json").is_file():
+    if (saved_run / CONFIG).is_file():
         cfg = read_run_config(saved_run)  # a resumed cycle keeps its recipe and its held-back slice
     else:
         cfg = retrain_config(current, config, overrides, work / DATA_DIR, work, holdout_fraction, seed)
-    split = load_dataset(cfg.data)  # the same seeded split run_training makes: test = the held-back slice
-    if len(split.test) < gate.min_holdout:
-        log.warning("held-back slice has %d frames, the gate needs %d: the candidate will not be promoted "
-                    "automatically", len(split.test), gate.min_holdout)
     timing["snapshot_s"] = time.perf_counter() - started
 
     run_dir = saved_run
-    if not (run_dir / "metadata.json").is_file():  # written last by a finished training run
+    if not (run_dir / METADATA).is_file():  # written last by a finished training run
         t0 = time.perf_counter()
-        run_dir = run_training(cfg, resume=(saved_run / "config.json").is_file(), evaluate_after=False)
+        run_dir = run_training(cfg, resume=(saved_run / CONFIG).is_file(), evaluate_after=False)
         timing["train_s"] = time.perf_counter() - t0
-    meta = read_json(run_dir / "metadata.json")
-    timing["encode_s"] = float(meta.get("timing", {}).get("encode_seconds", 0.0))
+    meta = read_metadata(run_dir)
+    timing["encode_s"] = meta.timing.encode_seconds
+    split = read_split(run_dir)  # the run's own seeded split: its test side is the held-back slice
+    if len(split.test) < gate.min_holdout:
+        log.warning("held-back slice has %d frames, the gate needs %d: the candidate will not be promoted "
+                    "automatically", len(split.test), gate.min_holdout)
 
     candidate_dir = work / CANDIDATE_DIR
     if candidate_dir.is_dir():  # export_bundle renames its staging folder into place only when complete
@@ -447,7 +446,7 @@ def retrain(
         comparison = compare_bundles(current, candidate, holdout, labeled, backend, threads)
         comparison["pool"] = {
             "dir": None if pool_dir is None else str(Path(pool_dir).resolve()), "unlabeled": len(unlabeled),
-            "labeled": len(labeled), "train": len(split.train), "kept_by_llb": int(meta.get("train_images", 0)),
+            "labeled": len(labeled), "train": len(split.train), "kept_by_llb": meta.train_images,
             "holdout_fraction": cfg.data.test_fraction, "seed": cfg.data.split_seed,
         }
         write_json(report_dir / COMPARISON_FILE, comparison)

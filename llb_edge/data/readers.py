@@ -414,3 +414,14 @@ def load_contaminated(data: DataConfig, alpha: float, seed: int) -> DatasetSplit
     if data.max_test:
         split = DatasetSplit(split.name, split.train, cap_samples(split.test, data.max_test, data.split_seed + 1))
     return split
+
+
+def load_configured_split(data: DataConfig) -> DatasetSplit:
+    """The split ``data`` describes, with ``data.contamination`` applied (no decoding).
+
+    The trainer's recipe: it reads this once and records the result in the run directory
+    (llb_edge.runs.RunSplit); everything downstream reads that record, not this.
+    """
+    if data.contamination:
+        return load_contaminated(data, data.contamination, data.split_seed)
+    return load_dataset(data)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,9 +83,24 @@ def contaminate(split: DatasetSplit, alpha: float, seed: int) -> DatasetSplit:
     return DatasetSplit(name=name, train=train, test=test)
 
 
+def sample_to_dict(sample: Sample) -> dict[str, Any]:
+    """The JSON form of a sample, as every run record stores it."""
+    return asdict(sample)
+
+
+def sample_from_dict(record: Any) -> Sample:
+    """A sample from :func:`sample_to_dict`'s form; KeyError, TypeError or ValueError when it is not one."""
+    return Sample(
+        path=str(record["path"]),
+        label=int(record["label"]),
+        mask_path=record.get("mask_path"),
+        defect_type=str(record.get("defect_type", "good")),
+    )
+
+
 def save_sample_list(samples: list[Sample], path: str | Path) -> None:
     """Write samples as JSON lines, so a run directory records exactly which images it used."""
-    lines = [json.dumps(asdict(s), ensure_ascii=False) for s in samples]
+    lines = [json.dumps(sample_to_dict(s), ensure_ascii=False) for s in samples]
     Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
@@ -95,15 +111,7 @@ def load_sample_list(path: str | Path) -> list[Sample]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            samples.append(
-                Sample(
-                    path=str(record["path"]),
-                    label=int(record["label"]),
-                    mask_path=record.get("mask_path"),
-                    defect_type=str(record.get("defect_type", "good")),
-                )
-            )
+            samples.append(sample_from_dict(json.loads(line)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}:{number}: not a sample record ({err})") from err
     return samples
