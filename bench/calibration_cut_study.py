@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from llb_edge.calibration import clopper_pearson_upper, split_outliers, threshold_for_target
-from llb_edge.runs import read_run_config
-from llb_edge.trainer.pipeline import load_split
+from llb_edge.runs import CALIBRATION_SCORES, TEST_SCORES, read_split
 
 Z_VALUES = (2.5, 3.0, 3.5, 4.0)
 
@@ -35,11 +34,11 @@ def mad_inliers(scores: np.ndarray, z: float) -> np.ndarray:
 
 
 def one_run(run_dir: Path, target_frr: float) -> dict[str, dict[str, float]]:
-    labels = {sample.path: sample.label for sample in load_split(read_run_config(run_dir)).train}
-    calibration = json.loads((run_dir / "calibration_scores.json").read_text())["scores"]
+    labels = {sample.path: sample.label for sample in read_split(run_dir).calibration}
+    calibration = json.loads((run_dir / CALIBRATION_SCORES).read_text())["scores"]
     scores = np.asarray(list(calibration.values()))
     is_defect = np.asarray([labels.get(path) == 1 for path in calibration])
-    test = [json.loads(line) for line in (run_dir / "test_scores.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (run_dir / TEST_SCORES).read_text().splitlines()]
     test_scores = np.asarray([t["score"] for t in test])
     test_labels = np.asarray([t["label"] for t in test])
     inliers_by_rule: dict[str, np.ndarray] = {"no cut": scores}
@@ -71,7 +70,7 @@ def markdown(results: dict[str, dict[str, dict[str, float]]], target_frr: float)
     rules = list(next(iter(results.values())))
     lines = [f"# Calibration outlier cut, target false-reject rate {100 * target_frr:g}%", "",
              "Runs (calibration images (planted defects among them)): " + ", ".join(
-                 f"`{Path(r).name}` ({len(json.loads((Path(r) / 'calibration_scores.json').read_text())['scores'])} "
+                 f"`{Path(r).name}` ({len(json.loads((Path(r) / CALIBRATION_SCORES).read_text())['scores'])} "
                  f"({results[r][rules[0]]['calibration_defects']}))" for r in runs), "",
              "| rule | left out, normal/defects, per run | measured FRR per run | FRR mean ± sd "
              "| 95% bound per run | escape mean ± sd |", "|---|---|---|---|---|---|"]
