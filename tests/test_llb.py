@@ -21,7 +21,7 @@ from llb_edge.config import load_config
 from llb_edge.data.samples import Sample, load_sample_list
 from llb_edge.models.dinomaly import AnomalyScorer, EncoderFeatures
 from llb_edge.runs import RunError
-from llb_edge.trainer import llb, submodels
+from llb_edge.trainer import llb, screening_report, submodels
 from llb_edge.trainer.llb import keep_count, screen, subset_positions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,7 +178,7 @@ def test_selection_is_exactly_the_lowest_by_path(tmp_path, monkeypatch):
     refs = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert {"score_histogram.png", "subset_counts.png", "scores.csv", "purified.jsonl"} <= set(refs)
     assert all((stage_dir / ref).is_file() for ref in refs)
-    assert sum(ref.startswith("removed/") for ref in refs) == llb.REPORT_REMOVED
+    assert sum(ref.startswith("removed/") for ref in refs) == screening_report.REPORT_REMOVED
 
 
 def test_resume_reuses_finished_submodels_and_refuses_other_subsets(tmp_path, monkeypatch):
