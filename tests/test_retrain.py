@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent / "runtime"))  # the daemon test ha
 from runtime_harness import Client, export_contract_model, make_bundle, running_daemon  # noqa: E402
 
 from llb_edge.data.images import read_image_rgb  # noqa: E402
+from llb_edge.pool import read_pool  # noqa: E402
+from llb_edge.retrain import GateConfig, evaluate_gate, judge, retrain  # noqa: E402
 from llb_edge.runtime.capture import CaptureOptions  # noqa: E402
-from llb_edge.runtime.pool import read_pool  # noqa: E402
 from llb_edge.runtime.versions import (  # noqa: E402
     VersionError,
     current_bundle,
@@ -37,7 +38,6 @@ from llb_edge.runtime.versions import (  # noqa: E402
     version_chain,
 )
 from llb_edge.trainer.label import LabelError, label_frames, read_labels  # noqa: E402
-from llb_edge.trainer.retrain import GateConfig, evaluate_gate, judge, retrain  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,10 +13,10 @@ import pytest
 from runtime_harness import Client, flat_frame, running_daemon, square_frame
 
 from llb_edge.data.images import read_image_rgb
+from llb_edge.pool import FRAMES_DIR, IMAGE_GLOB, read_pool
 from llb_edge.runtime import capture as capture_module
 from llb_edge.runtime.capture import CaptureOptions, FrameCapture, capture_probability, parse_camera_rates
 from llb_edge.runtime.health import MetricsRegistry, parse_prometheus_text
-from llb_edge.runtime.pool import FRAMES_DIR, IMAGE_GLOB, read_pool
 
 pytest_plugins = ["runtime_fixtures"]  # contract-test-model bundles
 pytestmark = pytest.mark.timeout(60)
