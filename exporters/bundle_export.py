@@ -199,7 +199,8 @@ def parity_image_set(
         candidates = [kept[i] for i in parity.spread_indices([s.label for s in kept], count)]
     if len(candidates) < parity.MIN_PARITY_IMAGES:
         raise ExportError(f"found only {len(candidates)} readable images for the parity gate (need "
-                          f"{parity.MIN_PARITY_IMAGES}); pass images_for_parity (--parity-images)")
+                          f"{parity.MIN_PARITY_IMAGES}): the run's test and training images are not readable "
+                          "here; export where the dataset is, or give export_bundle images_for_parity")
     paths = [s.path for s in candidates]
     return _load_images(paths, geometry), paths
 
@@ -447,10 +448,8 @@ def export_bundle(
     import onnxruntime
     import torch
 
-    from llb_edge.runs import MODEL, load_inspection_model, read_json, read_run_config
+    from llb_edge.runs import MODEL, load_inspection_model
 
-    cfg = read_run_config(run_dir)
-    metadata = read_json(run_dir / "metadata.json")
     model, cfg, metadata = load_inspection_model(run_dir, "cpu", weights)
     geometry = Geometry(cfg.data.resize, cfg.data.crop)
     images, image_sources = parity_image_set(run_dir, cfg, images_for_parity, parity_count)

@@ -81,7 +81,7 @@ def test_sampling_rates_per_camera_and_extra_ng_sampling(started) -> None:
     assert cap.metrics.saved.value(camera="cam-b", reason="ng") == 20
 
 
-def test_quota_evicts_oldest_first_also_across_restarts(tmp_path: Path, started) -> None:
+def test_quota_evicts_oldest_first_also_across_restarts(started) -> None:
     size = 64  # ~12 KiB of noise per PNG
     frame_bytes = len(capture_module.encode_png(noise(size, 0)))
     quota_mb = 3.5 * frame_bytes / 2**20  # room for 3 frames
