@@ -8,7 +8,7 @@ Layout (docs/runs.md)::
     <run>/model.safetensors    trainable weights (bottleneck + decoder) of the final model
     <run>/train_scores.json    final model's image scores on its own training images (threshold stats)
     <run>/calibration_scores.json  its scores on the held-back calibration slice (the threshold)
-    <run>/checkpoint.safetensors  resumable state while training runs
+    <run>/checkpoint.safetensors  resumable state while training runs (deleted when the run completes)
     <run>/metrics.json, overlays/  written by evaluation
     <run>/stage1/               LLB screening artifacts (see trainer/llb.py)
 

@@ -25,7 +25,8 @@ Artifacts under ``<run>/stage1/``::
     subsets.json              the subsets, as lists of paths (checked again on resume)
     submodel_<j>/scores.json  sub-model j's score for every training image (written last: its
                               presence marks the sub-model as finished)
-    submodel_<j>/model.safetensors | bank.safetensors   its weights (Dinomaly) or bank (knn)
+    submodel_<j>/model.safetensors | bank.safetensors   its weights (Dinomaly) or bank (knn); deleted
+                              when the run completes unless llb.keep_submodel_weights
     submodel_<j>/checkpoint.safetensors, train_log.jsonl   while a Dinomaly sub-model trains
     scores.csv                per image: rank, path, label, subset, score per sub-model, mean, kept | suspect
     purified.jsonl            D_pure as a sample list
@@ -69,6 +70,7 @@ from llb_edge.runs import RunError, read_json, write_json
 from llb_edge.trainer.features import EncodedImages
 from llb_edge.trainer.screening_report import REPORT, write_report
 from llb_edge.trainer.submodels import (
+    SUBMODELS,
     Stage1Context,
     SubModel,
     concurrent_workers,
@@ -364,6 +366,14 @@ def run_stage1(
 ) -> Stage1Result:
     """The pipeline's entry point: stage 1 on ``samples`` into ``run_dir/stage1``."""
     return screen(cfg, encoder, features, samples, Path(run_dir) / STAGE1, resume, scorer)
+
+
+def discard_submodel_weights(run_dir: Path, cfg: RunConfig) -> None:
+    """Delete the sub-models' weights of a completed run. Only stage 1 reads them (patch masks and
+    report), and a resumed run enters stage 1 again, so they stay until the whole run is complete."""
+    stage_dir = Path(run_dir) / STAGE1
+    for j in range(cfg.llb.k):
+        (submodel_dir(stage_dir, j) / SUBMODELS[cfg.llb.submodel].WEIGHTS).unlink(missing_ok=True)
 
 
 def mean_over_submodels(
