@@ -13,6 +13,9 @@ images here (``train.calibration_fraction=0.25``: 100 images for the default sou
 measurement is not all sampling noise: with n calibration images the true rate of one run spreads
 like Beta(x + 1, n - x) around the promise. Alongside, on the same test scores:
 
+- the same conformal rule without the outlier cut (every calibration image kept, the rule before the
+  cut existed): how many false rejects the cut costs on a clean set, how many escapes it saves on a
+  dirty one;
 - the old rule (``q99.5 + 0.25 * (q99.5 - q50)`` of the training scores) for comparison;
 - LLB only: the threshold the same conformal rule would give on stage 1's out-of-subset scores
   (each kept image scored by the sub-models that did not train on it), applied to the final model;
@@ -124,7 +127,15 @@ def one_run(cfg: RunConfig, target_frr: float, bundle_dir: Path) -> dict[str, An
         "median_calibration": float(np.median(calibration)), "median_train": float(np.median(train_scores)),
         "median_test_normal": float(np.median(normal)), "train_seconds": round(train_s, 1),
         "calibration_defects": sum(1 for path in calibration_paths if label_of.get(path) == 1),
+        "excluded": frr["excluded"], "upper_if_normal": frr["upper_if_normal"],
+        "excluded_defects": sum(1 for path, value in calibration_paths.items()
+                                if frr["outlier_cut"] is not None and value > frr["outlier_cut"]
+                                and label_of.get(path) == 1),
     }
+    no_cut = threshold_for_target(calibration, target_frr, outlier_z=None).threshold
+    no_cut_rates = labelled_rates(scores, labels, no_cut)
+    row.update({"threshold_no_cut": no_cut, "frr_no_cut": no_cut_rates["false_reject_rate"],
+                "escape_no_cut": no_cut_rates["escape_rate"]})
     if (run_dir / "stage1" / "scores.csv").is_file():
         rows = stage1_rows(run_dir)
         alternative = threshold_for_target(out_of_subset_scores(rows), target_frr).threshold
@@ -156,24 +167,29 @@ def markdown(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> 
         f"# False-reject rate of the calibrated threshold (target {pct(target)})", "",
         f"- {meta['device']}; {meta['seeds']} seeds; settings: `{' '.join(meta['overrides'])}`",
         f"- acceptance band per seed: measured false-reject rate in [{pct(low)}, {pct(high)}]", "",
-        "| variant | seed | n cal (defects) | threshold | expected FRR (95% bound) | measured FRR | escape "
+        "| variant | seed | n cal (defects) | outliers left out (defects) | threshold | expected FRR (95% bound; "
+        "if outliers normal) | measured FRR | escape | no outlier cut: FRR / escape "
         "| old rule FRR | stage-1 OOS FRR | removed-normal FRR | median cal / train / test-normal | in band |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|",
+        "|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---|---|",
     ]
     for variant, rows in results.items():
         for seed, r in zip(meta["seed_list"], rows, strict=True):
             band = "yes" if r["frr"] is not None and low <= r["frr"] <= high else "NO"
             lines.append(
                 f"| {variant} | {seed} | {r['calibration_count']} ({r['calibration_defects']}) | "
-                f"{r['threshold']:.4g} | {pct(r['expected_frr'])} ({pct(r['upper_frr'])}) | "
-                f"{pct(r['frr'])} of {r['test_normal']} | {pct(r['escape'])} | {pct(r['frr_quantile_rule'])} | "
+                f"{r['excluded']} ({r['excluded_defects']}) | {r['threshold']:.4g} | "
+                f"{pct(r['expected_frr'])} ({pct(r['upper_frr'])}; {pct(r['upper_if_normal'])}) | "
+                f"{pct(r['frr'])} of {r['test_normal']} | {pct(r['escape'])} | "
+                f"{pct(r['frr_no_cut'])} / {pct(r['escape_no_cut'])} | {pct(r['frr_quantile_rule'])} | "
                 f"{pct(r.get('frr_stage1_out_of_subset'))} | {pct(r.get('frr_removed_normals'))} | "
                 f"{r['median_calibration']:.4g} / {r['median_train']:.4g} / {r['median_test_normal']:.4g} | {band} |")
-    lines += ["", "| variant | measured FRR mean ± sd | escape mean ± sd | old rule FRR mean ± sd | seeds in band |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| variant | measured FRR mean ± sd | escape mean ± sd | no outlier cut: FRR / escape mean ± sd "
+              "| old rule FRR mean ± sd | seeds in band |",
+              "|---|---|---|---|---|---|"]
     for variant, rows in results.items():
         in_band = sum(1 for r in rows if r["frr"] is not None and low <= r["frr"] <= high)
         lines.append(f"| {variant} | {mean_sd([r['frr'] for r in rows])} | {mean_sd([r['escape'] for r in rows])} | "
+                     f"{mean_sd([r['frr_no_cut'] for r in rows])} / {mean_sd([r['escape_no_cut'] for r in rows])} | "
                      f"{mean_sd([r['frr_quantile_rule'] for r in rows])} | {in_band} of {len(rows)} |")
     return "\n".join(lines) + "\n"
 

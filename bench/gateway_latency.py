@@ -33,7 +33,8 @@ from asyncua import Client as UaClient
 from pymodbus.client import AsyncModbusTcpClient
 
 from llb_edge.protocol import HEARTBEAT_TOPIC, RESULT_TOPIC_PREFIX, Heartbeat, decode_published
-from llb_edge.runtime.gateway.modbus import OFFSETS, registers_to_uint32
+from llb_edge.runtime.gateway.modbus import registers_to_uint32
+from llb_edge.runtime.gateway.tags import TAG_BY_NAME
 from llb_edge.runtime.replay import encode_rgb_frame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +64,8 @@ DAEMON = """
 import sys
 from llb_edge.runtime.daemon import ServeOptions, serve
 options = ServeOptions(intake=sys.argv[2], results=sys.argv[3], control=None, health_port=None, backend="ort-cpu",
-                       max_wait_ms=0.0, ort_threads=1)
-sys.exit(serve(sys.argv[1], options, log_level="WARNING"))
+                       max_wait_ms=0.0, ort_threads=1, log_level="WARNING")
+sys.exit(serve(sys.argv[1], options))
 """
 GATEWAY = """
 import sys
@@ -123,7 +124,7 @@ async def measure(args: argparse.Namespace, intake: str, results: str, ua_url: s
     await wait_connected(connect_modbus, "gateway Modbus server")
 
     async def modbus_id() -> int:
-        response = await mb.read_holding_registers(OFFSETS["InspectionID"], count=2, device_id=1)
+        response = await mb.read_holding_registers(TAG_BY_NAME["InspectionID"].register, count=2, device_id=1)
         return registers_to_uint32(response.registers, "big")
 
     images = frames(args.size)

@@ -301,6 +301,7 @@ class ThresholdDecision:
     frr: dict[str, Any]  # calibration estimate at the chosen value; empty without a calibration slice
     calibration: np.ndarray | None
     calibration_source: str | None
+    outlier_z: float | None  # the calibration slice's outlier cut; None: every calibration score counted
     validation: dict[str, Any] | None  # measured rates on labelled images at the chosen value
 
 
@@ -312,8 +313,9 @@ def choose_threshold(
     the chosen value, and with ``validation`` the measured rates there (scored on ``onnx_fp32``)."""
     choices: dict[str, ThresholdChoice] = {METHOD_QUANTILE: quantile_rule(run_dir, margin)}
     calibration, source = read_calibration_scores(run_dir)
+    outlier_z = cfg.train.calibration_outlier_z or None  # 0: no outlier cut
     if calibration is not None:
-        choices[METHOD_CALIBRATED] = calibrated_threshold(calibration, target_frr)
+        choices[METHOD_CALIBRATED] = calibrated_threshold(calibration, target_frr, outlier_z)
     elif threshold_method == METHOD_CALIBRATED:
         log.warning("%s has no calibration slice (calibration_scores.json, train.calibration_fraction); the "
                     "threshold falls back to the training-score quantile rule, which rejects more normal parts "
@@ -331,10 +333,10 @@ def choose_threshold(
     if chosen.method == METHOD_CALIBRATED:
         frr = dict(chosen.details)  # carries the target it was chosen for
     else:
-        frr = estimate_frr(calibration, chosen.value).to_dict() if calibration is not None else {}
+        frr = estimate_frr(calibration, chosen.value, outlier_z=outlier_z).to_dict() if calibration is not None else {}
     measured = labelled_rates(scores, labels, chosen.value) if scores is not None else None
     return ThresholdDecision(chosen, {name: c.to_dict() for name, c in choices.items()}, frr, calibration, source,
-                             measured)
+                             outlier_z, measured)
 
 
 def _manifest(
@@ -518,6 +520,7 @@ def export_bundle(
             extra[BUNDLE_CALIBRATION_KEY] = {
                 "source": threshold.calibration_source,
                 "count": int(len(threshold.calibration)), "confidence": DEFAULT_CONFIDENCE,
+                "outlier_z": threshold.outlier_z,
                 "scores": sorted(float(v) for v in threshold.calibration),
             }
         if threshold.validation is not None:

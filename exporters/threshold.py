@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from llb_edge import metrics
-from llb_edge.calibration import DEFAULT_TARGET_FRR, threshold_for_target
+from llb_edge.calibration import DEFAULT_CALIBRATION_OUTLIER_Z, DEFAULT_TARGET_FRR, threshold_for_target
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +94,29 @@ def stats_threshold(stats: Mapping[str, Any], margin: float = DEFAULT_MARGIN) ->
     return ThresholdChoice(value=float(value), method=METHOD_QUANTILE, description=description, details=details)
 
 
-def calibrated_threshold(scores: np.ndarray | list[float], target_frr: float = DEFAULT_TARGET_FRR) -> ThresholdChoice:
-    """The conformal threshold for ``target_frr`` on held-back calibration scores (module docstring)."""
-    estimate = threshold_for_target([float(v) for v in np.asarray(scores).reshape(-1)], target_frr)
+def calibrated_threshold(
+    scores: np.ndarray | list[float],
+    target_frr: float = DEFAULT_TARGET_FRR,
+    outlier_z: float | None = DEFAULT_CALIBRATION_OUTLIER_Z,
+) -> ThresholdChoice:
+    """The conformal threshold for ``target_frr`` on held-back calibration scores, the slice's outliers
+    (suspected unlabelled defects, llb_edge.calibration) left out first."""
+    estimate = threshold_for_target([float(v) for v in np.asarray(scores).reshape(-1)], target_frr,
+                                    outlier_z=outlier_z)
+    if estimate.excluded:
+        log.warning("%d of %d calibration images score more than %g robust sigmas above the slice's median "
+                    "(above %.4g): left out of the calibration as suspected defects. If they are normal parts, "
+                    "the false-reject rate can reach %.3g (95%% bound) instead of %.3g; look at them "
+                    "(calibration_scores.json of the run).", estimate.excluded, estimate.calibration_count,
+                    outlier_z, estimate.outlier_cut, estimate.upper_if_normal, estimate.upper)
     if not estimate.reachable:
         log.warning("a %.3g%% false-reject rate needs more than %d calibration images; the threshold sits above "
-                    "all of them, for an expected rate of %.3g%%", 100 * target_frr, estimate.calibration_count,
-                    100 * estimate.expected)
+                    "all of them, for an expected rate of %.3g%%", 100 * target_frr,
+                    estimate.calibration_count - estimate.excluded, 100 * estimate.expected)
+    excluded = f", {estimate.excluded} outliers left out" if estimate.excluded else ""
     description = (f"conformal: false-reject target {target_frr:g} on {estimate.calibration_count} held-back "
-                   f"calibration images (expected {estimate.expected:.3g}, {estimate.confidence:.0%} upper bound "
-                   f"{estimate.upper:.3g})")
+                   f"calibration images{excluded} (expected {estimate.expected:.3g}, {estimate.confidence:.0%} "
+                   f"upper bound {estimate.upper:.3g})")
     return ThresholdChoice(value=estimate.threshold, method=METHOD_CALIBRATED, description=description,
                            details=estimate.to_dict())
 

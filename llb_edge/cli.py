@@ -9,21 +9,24 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from llb_edge.bundle import Bundle
 from llb_edge.calibration import DEFAULT_TARGET_FRR
 from llb_edge.errors import LLBEdgeError
-from llb_edge.runtime.drift import DEFAULT_NG_RATE_ALPHA, DEFAULT_NG_RATE_WINDOW
-from llb_edge.runtime.frames import DEFAULT_CAMERA_IDLE_S, DEFAULT_MAX_PIXELS
+from llb_edge.protocol import DEFAULT_CONTROL, DEFAULT_INTAKE, DEFAULT_RESULTS
+from llb_edge.runtime.serve_options import ServeOptions
 
 if TYPE_CHECKING:
     from llb_edge.runtime.versions import VersionChange
 
 # Errors a user can fix: printed as one line, exit code 2. Anything else keeps its traceback.
 USER_ERRORS = (LLBEdgeError, FileNotFoundError, NotADirectoryError)
+
+# What `llb-edge serve --help` shows as defaults: ServeOptions' own, the only copy.
+SERVE_DEFAULTS = ServeOptions()
 
 app = typer.Typer(
     help="LLB-purified Dinomaly anomaly inspection: train on contaminated line data, export, serve to PLCs.",
@@ -135,119 +138,149 @@ def evaluate(
     typer.echo(json.dumps(metrics, indent=2))
 
 
-def off_or(value: str) -> str | None:
-    return None if value.lower() in ("off", "none", "") else value
+def serve_default(key: str) -> str:
+    """The default of a serve setting (dotted key), as `llb-edge serve --help` shows it."""
+    value: Any = SERVE_DEFAULTS
+    for part in key.split("."):
+        value = getattr(value, part)
+    return "off" if value is None else str(value)
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without the flags not given (None), nested tables included."""
+    kept = {key: given(value) if isinstance(value, dict) else value for key, value in values.items()}
+    return {key: value for key, value in kept.items() if value is not None and value != {}}
+
+
+def serve_option(key: str, help: str, *names: str) -> Any:  # noqa: A002 - typer's parameter name
+    return typer.Option(*names, help=help, show_default=serve_default(key))
 
 
 @app.command()
 def serve(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder (from llb-edge export).")],
-    intake: Annotated[str, typer.Option(help="Endpoint frames arrive on.")] = "tcp://127.0.0.1:5555",
-    intake_mode: Annotated[str, typer.Option(help="pull: cameras PUSH to us; sub: we SUBscribe to cameras.")] = "pull",
-    intake_connect: Annotated[bool, typer.Option(help="Connect to --intake instead of binding it.")] = False,
-    results: Annotated[str, typer.Option(help="PUB endpoint for results and heartbeats.")] = "tcp://127.0.0.1:5556",
-    control: Annotated[str, typer.Option(help="REP endpoint for reload/status/threshold, or 'off'.")] = (
-        "tcp://127.0.0.1:5557"
-    ),
-    health_host: Annotated[str, typer.Option(help="Address of HTTP /live /ready /metrics and the operator page.")] = (
-        "127.0.0.1"
-    ),
-    health_port: Annotated[str, typer.Option(help="Port of the health server; 0 any free; 'off'.")] = "8765",
-    backend: Annotated[str, typer.Option(
-        help="auto | tensorrt | ort-cuda | openvino | ort-cpu | torch-cuda | torch-cpu (the torch ones need torch)."
-    )] = "auto",
-    max_batch: Annotated[int, typer.Option(help="Largest batch the dynamic batcher forms.")] = 8,
-    max_wait_ms: Annotated[float, typer.Option(help="How long the oldest frame may wait for a batch.")] = 2.0,
-    queue_size: Annotated[int, typer.Option(help="Frames queued per camera before keep-newest drops.")] = 8,
-    post_workers: Annotated[int, typer.Option(
-        help="Threads post-processing results (map resize, regions) while the next batch runs.")] = 2,
-    max_cameras: Annotated[int, typer.Option(help="Distinct camera ids accepted.")] = 64,
-    max_payload_bytes: Annotated[int, typer.Option(help="Larger frame payloads are refused.")] = 64 << 20,
-    max_pixels: Annotated[int, typer.Option(
-        help="Larger frames are refused, from their header before any decoding.")] = DEFAULT_MAX_PIXELS,
-    map_payload: Annotated[str, typer.Option(help="Attach anomaly maps: none | uint8 | float16.")] = "none",
-    heartbeat_s: Annotated[float, typer.Option(help="Seconds between heartbeats on the results socket.")] = 1.0,
-    intake_hwm: Annotated[int, typer.Option(help="ZeroMQ high-water mark of the intake socket.")] = 16,
-    results_hwm: Annotated[int, typer.Option(help="ZeroMQ high-water mark of the results socket.")] = 1000,
-    curve_secret: Annotated[Path | None, typer.Option(help="Server .key_secret: enables CURVE.")] = None,
-    curve_allowed: Annotated[Path | None, typer.Option(help="Folder of allowed client .key files.")] = None,
-    control_allowed: Annotated[Path | None, typer.Option(
-        help="Folder of operator .key files allowed on the control socket (required with CURVE).")] = None,
-    reload_allow: Annotated[list[Path] | None, typer.Option(
-        help="A folder reloads may load bundles from, besides BUNDLE (repeatable).")] = None,
-    camera_idle_s: Annotated[float, typer.Option(
-        help="Seconds without frames after which a camera gives up its slot.")] = DEFAULT_CAMERA_IDLE_S,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="Settings file (TOML: configs/serve.example.toml); flags given override it.")] = None,
+    intake: Annotated[str | None, serve_option("intake", "Endpoint frames arrive on.")] = None,
+    intake_mode: Annotated[str | None, serve_option(
+        "intake_mode", "pull: cameras PUSH to us; sub: we SUBscribe to cameras.")] = None,
+    intake_connect: Annotated[bool | None, serve_option(
+        "intake_connect", "Connect to --intake instead of binding it.")] = None,
+    results: Annotated[str | None, serve_option("results", "PUB endpoint for results and heartbeats.")] = None,
+    control: Annotated[str | None, serve_option(
+        "control", "REP endpoint for reload/status/threshold, or 'off'.")] = None,
+    health_host: Annotated[str | None, serve_option(
+        "health_host", "Address of HTTP /live /ready /metrics and the operator page.")] = None,
+    health_port: Annotated[str | None, serve_option(
+        "health_port", "Port of the health server; 0 any free; 'off'.")] = None,
+    backend: Annotated[str | None, serve_option(
+        "backend", "auto | tensorrt | ort-cuda | openvino | ort-cpu | torch-cuda | torch-cpu (the torch ones need "
+        "torch).")] = None,
+    max_batch: Annotated[int | None, serve_option("max_batch", "Largest batch the dynamic batcher forms.")] = None,
+    max_wait_ms: Annotated[float | None, serve_option(
+        "max_wait_ms", "How long the oldest frame may wait for a batch.")] = None,
+    queue_size: Annotated[int | None, serve_option(
+        "queue_size", "Frames queued per camera before keep-newest drops.")] = None,
+    post_workers: Annotated[int | None, serve_option(
+        "post_workers", "Threads post-processing results (map resize, regions) while the next batch runs.")] = None,
+    max_cameras: Annotated[int | None, serve_option("max_cameras", "Distinct camera ids accepted.")] = None,
+    max_payload_bytes: Annotated[int | None, serve_option(
+        "max_payload_bytes", "Larger frame payloads are refused.")] = None,
+    max_pixels: Annotated[int | None, serve_option(
+        "max_pixels", "Larger frames are refused, from their header before any decoding.")] = None,
+    map_payload: Annotated[str | None, serve_option(
+        "map_payload", "Attach anomaly maps: none | uint8 | float16.")] = None,
+    heartbeat_s: Annotated[float | None, serve_option(
+        "heartbeat_s", "Seconds between heartbeats on the results socket.")] = None,
+    intake_hwm: Annotated[int | None, serve_option(
+        "intake_hwm", "ZeroMQ high-water mark of the intake socket.")] = None,
+    results_hwm: Annotated[int | None, serve_option(
+        "results_hwm", "ZeroMQ high-water mark of the results socket.")] = None,
+    curve_secret: Annotated[Path | None, serve_option("curve_secret", "Server .key_secret: enables CURVE.")] = None,
+    curve_allowed: Annotated[Path | None, serve_option(
+        "curve_allowed", "Folder of allowed client .key files.")] = None,
+    control_allowed: Annotated[Path | None, serve_option(
+        "control_allowed", "Folder of operator .key files allowed on the control socket (required with CURVE).")] = (
+        None),
+    reload_allow: Annotated[list[Path] | None, serve_option(
+        "reload_allow", "A folder reloads may load bundles from, besides BUNDLE (repeatable).")] = None,
+    camera_idle_s: Annotated[float | None, serve_option(
+        "camera_idle_s", "Seconds without frames after which a camera gives up its slot.")] = None,
     ort_threads: Annotated[int | None, typer.Option(
         help="ONNX Runtime intra-op (or OpenVINO inference) threads (default: all).")] = None,
-    capture_pool: Annotated[Path | None, typer.Option(help="Capture sampled frames into this pool folder.")] = None,
-    capture_rate: Annotated[float, typer.Option(help="Fraction of each camera's frames captured.")] = 0.0,
+    capture_pool: Annotated[Path | None, serve_option(
+        "capture.pool_dir", "Capture sampled frames into this pool folder.")] = None,
+    capture_rate: Annotated[float | None, serve_option(
+        "capture.rate", "Fraction of each camera's frames captured.")] = None,
     capture_camera_rate: Annotated[list[str] | None, typer.Option(
         help="A camera's own capture rate, CAMERA=RATE (repeatable).")] = None,
-    capture_ng_rate: Annotated[float, typer.Option(help="NG frames captured with at least this probability.")] = 0.0,
-    capture_band: Annotated[float, typer.Option(
-        help="Near-threshold band, relative: |score - t| <= band * t (0: off).")] = 0.0,
-    capture_band_rate: Annotated[float, typer.Option(help="Near-threshold frames captured with this probability.")] = (
-        1.0),
-    capture_quota_mb: Annotated[float, typer.Option(help="Disk quota of the pool; oldest frames evicted.")] = 2048.0,
-    capture_queue: Annotated[int, typer.Option(help="Frames waiting for the writer before drops.")] = 32,
-    capture_queue_mb: Annotated[float, typer.Option(help="Bytes waiting for the writer before drops.")] = 256.0,
-    capture_fsync: Annotated[bool, typer.Option(help="fsync every captured frame.")] = False,
+    capture_ng_rate: Annotated[float | None, serve_option(
+        "capture.ng_rate", "NG frames captured with at least this probability.")] = None,
+    capture_band: Annotated[float | None, serve_option(
+        "capture.band", "Near-threshold band, relative: |score - t| <= band * t (0: off).")] = None,
+    capture_band_rate: Annotated[float | None, serve_option(
+        "capture.band_rate", "Near-threshold frames captured with this probability.")] = None,
+    capture_quota_mb: Annotated[float | None, serve_option(
+        "capture.quota_mb", "Disk quota of the pool; oldest frames evicted.")] = None,
+    capture_queue: Annotated[int | None, serve_option(
+        "capture.queue_size", "Frames waiting for the writer before drops.")] = None,
+    capture_queue_mb: Annotated[float | None, serve_option(
+        "capture.queue_mb", "Bytes waiting for the writer before drops.")] = None,
+    capture_fsync: Annotated[bool | None, serve_option("capture.fsync", "fsync every captured frame.")] = None,
     roi: Annotated[list[str] | None, typer.Option(
         help="Inspect only this rectangle of a camera's frames, CAMERA=x,y,width,height in frame pixels "
              "(repeatable). Outside it nothing is inspected.")] = None,
     roi_mask: Annotated[list[str] | None, typer.Option(
         help="Inspect only a mask's non-zero pixels, CAMERA=mask.png, the mask the size of that camera's frames "
              "(repeatable; with --roi, cut to the rectangle).")] = None,
-    ng_rate_window: Annotated[int, typer.Option(
-        help="Frames per camera over which the NG rate is compared with the bundle's expected rate.")] = (
-        DEFAULT_NG_RATE_WINDOW),
-    ng_rate_alpha: Annotated[float, typer.Option(
-        help="False-alarm probability of the NG-rate warning per full window (binomial test).")] = (
-        DEFAULT_NG_RATE_ALPHA),
-    log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING.")] = "INFO",
+    ng_rate_window: Annotated[int | None, serve_option(
+        "ng_rate_window", "Frames per camera over which the NG rate is compared with the bundle's expected rate.")] = (
+        None),
+    ng_rate_alpha: Annotated[float | None, serve_option(
+        "ng_rate_alpha", "False-alarm probability of the NG-rate warning per full window (binomial test).")] = None,
+    log_level: Annotated[str | None, serve_option("log_level", "DEBUG | INFO | WARNING.")] = None,
 ) -> None:
     """Serve a bundle on the line: frames in over ZeroMQ, OK/NG results and anomaly maps out.
 
-    Needs no torch. SIGTERM finishes in-flight frames and exits; SIGHUP (or `llb-edge ctl reload`)
-    hot-reloads the bundle after a self-check. JSON logs go to stderr.
+    Settings come from the defaults shown here, then the --config file (the same keys: a line PC's
+    service reads its settings from it, docs/line-pc.md), then the flags given. Needs no torch.
+    SIGTERM finishes in-flight frames and exits; SIGHUP (or `llb-edge ctl reload`) hot-reloads the
+    bundle after a self-check. JSON logs go to stderr, the resolved settings first.
     """
-    from llb_edge.runtime.capture import CaptureOptions, parse_camera_rates
-    from llb_edge.runtime.daemon import ServeOptions
+    from llb_edge.runtime.capture import parse_camera_rates
     from llb_edge.runtime.daemon import serve as run_daemon
     from llb_edge.runtime.roi import parse_regions
+    from llb_edge.runtime.serve_options import load_serve_options
 
-    port = off_or(health_port)
     try:
-        regions = parse_regions(roi or [], roi_mask or [])
-        capture = CaptureOptions(
-            pool_dir=capture_pool, rate=capture_rate, camera_rates=parse_camera_rates(capture_camera_rate or []),
-            ng_rate=capture_ng_rate, band=capture_band, band_rate=capture_band_rate, quota_mb=capture_quota_mb,
-            queue_size=capture_queue, queue_mb=capture_queue_mb, fsync=capture_fsync,
-        )
-    except ValueError as err:
+        flags = given({
+            "intake": intake, "intake_mode": intake_mode, "intake_connect": intake_connect, "results": results,
+            "control": control, "health_host": health_host, "health_port": health_port, "backend": backend,
+            "max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue_size": queue_size,
+            "post_workers": post_workers, "max_cameras": max_cameras, "max_payload_bytes": max_payload_bytes,
+            "max_pixels": max_pixels, "map_payload": map_payload, "heartbeat_s": heartbeat_s,
+            "intake_hwm": intake_hwm, "results_hwm": results_hwm, "curve_secret": curve_secret,
+            "curve_allowed": curve_allowed, "control_allowed": control_allowed, "reload_allow": reload_allow,
+            "camera_idle_s": camera_idle_s, "ort_threads": ort_threads,
+            "regions": parse_regions(roi or [], roi_mask or []) or None,
+            "ng_rate_window": ng_rate_window, "ng_rate_alpha": ng_rate_alpha, "log_level": log_level,
+            "capture": {
+                "pool_dir": capture_pool, "rate": capture_rate, "ng_rate": capture_ng_rate, "band": capture_band,
+                "camera_rates": parse_camera_rates(capture_camera_rate or []) or None,
+                "band_rate": capture_band_rate, "quota_mb": capture_quota_mb, "queue_size": capture_queue,
+                "queue_mb": capture_queue_mb, "fsync": capture_fsync,
+            },
+        })
+        options = load_serve_options(config, flags)
+    except (*USER_ERRORS, ValueError) as err:
         fail(str(err))
-    options = ServeOptions(
-        intake=intake, intake_mode=intake_mode, intake_connect=intake_connect, results=results,
-        control=off_or(control), health_host=health_host, health_port=None if port is None else int(port),
-        backend=backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
-        post_workers=post_workers, max_cameras=max_cameras, max_payload_bytes=max_payload_bytes, max_pixels=max_pixels,
-        map_payload=map_payload, heartbeat_s=heartbeat_s, intake_hwm=intake_hwm, results_hwm=results_hwm,
-        curve_secret=curve_secret, curve_allowed=curve_allowed, control_allowed=control_allowed,
-        reload_allow=tuple(reload_allow) if reload_allow else None, camera_idle_s=camera_idle_s,
-        ort_threads=ort_threads, capture=capture,
-        regions=regions, ng_rate_window=ng_rate_window, ng_rate_alpha=ng_rate_alpha,
-    )
-    try:
-        options.validate()
-    except ValueError as err:
-        fail(str(err))
-    raise typer.Exit(run_daemon(bundle, options, log_level=log_level))
+    raise typer.Exit(run_daemon(bundle, options, settings_file=config))
 
 
 @app.command()
 def replay(
     path: Annotated[Path, typer.Argument(help="A folder of images or a video file.")],
-    to: Annotated[str, typer.Option("--to", help="The daemon's intake endpoint.")] = "tcp://127.0.0.1:5555",
+    to: Annotated[str, typer.Option("--to", help="The daemon's intake endpoint.")] = DEFAULT_INTAKE,
     fps: Annotated[float, typer.Option(help="Frames per second; 0 = as fast as the daemon takes them.")] = 10.0,
     camera: Annotated[str, typer.Option(help="Camera id put in every frame header.")] = "cam0",
     encoding: Annotated[str, typer.Option(help="raw | jpeg | png.")] = "raw",
@@ -269,7 +302,7 @@ def replay(
 
 @app.command()
 def watch(
-    endpoint: Annotated[str, typer.Argument(help="The daemon's results endpoint.")] = "tcp://127.0.0.1:5556",
+    endpoint: Annotated[str, typer.Argument(help="The daemon's results endpoint.")] = DEFAULT_RESULTS,
     camera: Annotated[list[str] | None, typer.Option(help="Only these camera ids (repeatable).")] = None,
     count: Annotated[int | None, typer.Option(help="Stop after this many results.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
@@ -288,7 +321,7 @@ def watch(
 def ctl(
     command: Annotated[str, typer.Argument(help="status | reload | threshold.")],
     value: Annotated[str | None, typer.Argument(help="reload: a bundle path; threshold: a number.")] = None,
-    endpoint: Annotated[str, typer.Option(help="The daemon's control endpoint.")] = "tcp://127.0.0.1:5557",
+    endpoint: Annotated[str, typer.Option(help="The daemon's control endpoint.")] = DEFAULT_CONTROL,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 30.0,
     curve_secret: Annotated[Path | None, typer.Option(
         help="This operator's .key_secret (daemons with CURVE; default $LLB_EDGE_CTL_SECRET).")] = None,
@@ -476,6 +509,9 @@ def show_bundle(bundle: Bundle) -> None:
         typer.echo(f"  false-reject rate on normal parts: {target}expected {frr['expected']:.3g}, "
                    f"{frr['confidence']:.0%} upper bound {frr['upper']:.3g} ({frr['calibration_count']} calibration "
                    f"images)" + ("" if frr.get("reachable", True) else "; the target needs more calibration images"))
+        if frr.get("excluded"):
+            typer.echo(f"  {frr['excluded']} calibration images above the outlier cut {frr['outlier_cut']:.4g} left "
+                       f"out as suspected defects; if they are normal parts the bound is {frr['upper_if_normal']:.3g}")
     measured = m.extra.get("validation")
     if measured and measured.get("threshold") == m.threshold.value:
         rates = [f"{name} {measured[key]:.3g} ({measured[count]} of {measured[total]})"
@@ -515,22 +551,24 @@ def bundle_set_threshold(
     value. A running daemon picks it up on reload (llb-edge ctl reload, or SIGHUP).
     """
     from llb_edge.bundle import load_bundle, set_threshold
-    from llb_edge.calibration import bundle_calibration_scores, estimate_frr, threshold_for_target
+    from llb_edge.calibration import bundle_calibration_scores, bundle_outlier_z, estimate_frr, threshold_for_target
 
     if (value is None) == (target_frr is None):
         fail("give either a threshold value or --target-frr")
     try:
-        calibration = bundle_calibration_scores(load_bundle(bundle_dir, verify=False).manifest.extra)
+        extra = load_bundle(bundle_dir, verify=False).manifest.extra
+        calibration, outlier_z = bundle_calibration_scores(extra), bundle_outlier_z(extra)
         if target_frr is not None:
             if calibration is None:
                 fail(f"{bundle_dir} carries no calibration scores (exported before they existed, or from a run "
                      "without a calibration slice): give a threshold value, or re-train and re-export")
-            estimate = threshold_for_target(calibration, target_frr)
+            estimate = threshold_for_target(calibration, target_frr, outlier_z=outlier_z)
             bundle = set_threshold(bundle_dir, estimate.threshold, set_by=by, reason=f"operator: target FRR "
                                    f"{target_frr:g}", frr=estimate.to_dict())
         else:
             assert value is not None
-            frr = estimate_frr(calibration, value).to_dict() if calibration is not None else None
+            frr = (estimate_frr(calibration, value, outlier_z=outlier_z).to_dict() if calibration is not None
+                   else None)
             bundle = set_threshold(bundle_dir, value, set_by=by, frr=frr)
     except USER_ERRORS as err:
         fail(str(err))
@@ -538,8 +576,10 @@ def bundle_set_threshold(
     typer.echo(f"threshold of {bundle_dir} is now {t.value:.6g} (was {t.history[-1]['value']:.6g}), "
                f"set by {t.set_by} at {t.set_at}")
     if t.frr:
+        excluded = (f"; {t.frr['excluded']} outliers left out as suspected defects, bound "
+                    f"{t.frr['upper_if_normal']:.3g} if they are normal parts" if t.frr.get("excluded") else "")
         typer.echo(f"expected false-reject rate {t.frr['expected']:.3g} ({t.frr['confidence']:.0%} upper bound "
-                   f"{t.frr['upper']:.3g}, {t.frr['calibration_count']} calibration images)")
+                   f"{t.frr['upper']:.3g}, {t.frr['calibration_count']} calibration images{excluded})")
 
 
 @bundle_app.command("build-engine")
@@ -634,10 +674,14 @@ def retrain(
     out: Annotated[Path, typer.Option(help="Parent folder of retrain work folders.")] = Path("retrain"),
     holdout: Annotated[float, typer.Option(help="Fraction of the pool held back for the comparison.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the held-back slice.")] = 0,
-    max_ng_rate_change: Annotated[float, typer.Option(help="Gate: largest |NG-rate change|.")] = 0.02,
-    max_disagreement: Annotated[float, typer.Option(help="Gate: largest fraction of changed decisions.")] = 0.05,
-    max_labeled_drop: Annotated[float, typer.Option(help="Gate: largest drop of a metric on labelled frames.")] = 0.02,
-    min_holdout: Annotated[int, typer.Option(help="Gate: fewest held-back frames to decide on.")] = 30,
+    max_ng_rate_change: Annotated[float | None, typer.Option(
+        help="Gate: largest |NG-rate change| (default: docs/retrain.md).")] = None,
+    max_disagreement: Annotated[float | None, typer.Option(
+        help="Gate: largest fraction of changed decisions (default: docs/retrain.md).")] = None,
+    max_labeled_drop: Annotated[float | None, typer.Option(
+        help="Gate: largest drop of a metric on labelled frames (default: docs/retrain.md).")] = None,
+    min_holdout: Annotated[int | None, typer.Option(
+        help="Gate: fewest held-back frames to decide on (default: docs/retrain.md).")] = None,
     precision: Annotated[list[str] | None, typer.Option(help="Candidate ONNX precisions (repeatable).")] = None,
     backend: Annotated[str, typer.Option(help="Comparison backend: ort-cpu | ort-cuda.")] = "ort-cpu",
     no_promote: Annotated[bool, typer.Option("--no-promote", help="Decide and report only.")] = False,
@@ -649,6 +693,7 @@ def retrain(
     """Retrain from the line: LLB on the capture pool, a candidate bundle, a comparison report, and
     promotion only if the gate passes. Exit code 1 when the gate fails or a daemon did not reload."""
     setup_logging(verbose)
+    from llb_edge.config import apply_settings
     from llb_edge.retrain import GateConfig
     from llb_edge.retrain import retrain as run_retrain
 
@@ -656,9 +701,10 @@ def retrain(
         fail("give --current BUNDLE_DIR or --versions ROOT (its current version is compared)")
     if pool is None and resume is None:
         fail("give --pool POOL_DIR (or --resume WORK_DIR to continue a cycle)")
-    gate = GateConfig(max_ng_rate_change=max_ng_rate_change, max_disagreement=max_disagreement,
-                      max_labeled_drop=max_labeled_drop, min_holdout=min_holdout)
     try:
+        gate = apply_settings(GateConfig(), given({
+            "max_ng_rate_change": max_ng_rate_change, "max_disagreement": max_disagreement,
+            "max_labeled_drop": max_labeled_drop, "min_holdout": min_holdout}), "command line", text=True)
         decision = run_retrain(
             pool, current or versions, out, config=config, overrides=overrides or (), gate=gate,
             holdout_fraction=holdout, seed=seed, versions_root=versions, notify_endpoints=notify or (),

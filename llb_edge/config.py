@@ -1,5 +1,9 @@
 """The one config system: typed dataclasses, loaded from TOML or JSON, overridden from the CLI.
 
+The settings loader here (apply_settings) reads every settings file: a run's config (RunConfig,
+below), the daemon's serve.toml (runtime/serve_options.py) and the gateway's TOML
+(runtime/gateway/config.py).
+
 Every run writes its resolved config (``config.json``) next to its outputs, so a run directory
 alone says how it was made. Overrides use dotted keys (``train.iterations=200``) and are converted
 to the field's declared type, so a typo or a wrong type fails before any work starts.
@@ -13,11 +17,15 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from llb_edge.calibration import DEFAULT_CALIBRATION_OUTLIER_Z
 from llb_edge.errors import LLBEdgeError
+
+T = TypeVar("T")
 
 
 class ConfigError(LLBEdgeError, ValueError):
@@ -102,6 +110,9 @@ class TrainConfig:
     # after screening (defect-free, but D_pure is the easiest part of the set: it can promise too few
     # false rejects).
     calibration_source: str = "training"
+    # Calibration scores more than this many robust standard deviations above the slice's median are
+    # left out of the threshold as suspected unlabelled defects (llb_edge.calibration); 0: keep all.
+    calibration_outlier_z: float = DEFAULT_CALIBRATION_OUTLIER_Z
 
 
 # The paper's fixed keep fraction t: a benchmark setting, kept for paper-comparable runs (llb.keep=0.4).
@@ -175,52 +186,177 @@ class RunConfig:
         return Path(self.out_dir) / self.name
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert a TOML/JSON/CLI value to the declared field type, or raise ConfigError."""
-    origin = typing.get_origin(annotation)
+# ------------------------------------------------------------------------- the settings loader
+#
+# Every settings file (a run's config, serve.toml, the gateway's TOML) and every layer of command-line
+# settings over it goes through apply_settings: values are checked against the dataclass's declared
+# field types, unknown keys are errors naming the key and where it came from, and the defaults stay
+# where the dataclass declares them. File values must have the declared type (TOML and JSON are
+# typed; an integer is taken for a float); command-line values are text and are converted.
+
+OFF_WORDS = ("off", "none", "")  # an optional setting (``X | None``) given as one of these is None: off
+_TRUE_WORDS, _FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def setting_parser(parse: Callable[[Any, str, str], Any]) -> dict[str, Any]:
+    """Field metadata for a setting the loader has no type rule for: ``parse(file value, key, source)``
+    gives the field's value (command-line layers pass the field's type itself)."""
+    return {"parse": parse}
+
+
+def _describe(annotation: Any) -> str:
+    """What a value of the declared type looks like, for error messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(annotation):
-            if option is type(None) and value in (None, "none", "None"):
-                return None
+        return " or ".join("'off'" if option is type(None) else _describe(option) for option in args)
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        return f"a list of {len(args)}"
+    if origin in (tuple, list):
+        return "a list"
+    if origin is dict:
+        return "a table"
+    if dataclasses.is_dataclass(annotation):
+        return "a table of settings"
+    names = {bool: "true/false", str: "a string", Path: "a path"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def coerce_setting(value: Any, annotation: Any, key: str, source: str, *, text: bool = False) -> Any:
+    """``value`` as the declared type ``annotation``, or ConfigError naming ``key`` and ``source``.
+
+    ``text``: the value comes from the command line, so "200" may be an int and "off" a bool."""
+
+    def wrong() -> ConfigError:
+        return ConfigError(f"{source}: {key}: expected {_describe(annotation)}, got {value!r}")
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [option for option in args if option is not type(None)]
+        if len(options) < len(args) and (value is None or (isinstance(value, str) and value.lower() in OFF_WORDS)):
+            return None
+        for option in options:
             try:
-                return _coerce(value, option, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{key}: {value!r} matches none of {annotation}")
+                return coerce_setting(value, option, key, source, text=text)
+            except ConfigError:
+                continue
+        raise wrong()
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise wrong()
+        fixed = origin is tuple and not (len(args) == 2 and args[1] is Ellipsis)
+        if fixed and len(value) != len(args):
+            raise wrong()
+        kinds = args if fixed else [args[0]] * len(value)
+        items = [coerce_setting(item, kind, f"{key}[{i}]", source, text=text)
+                 for i, (item, kind) in enumerate(zip(value, kinds, strict=True))]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise wrong()
+        return {str(name): coerce_setting(item, args[1], f"{key}.{name}", source, text=text)
+                for name, item in value.items()}
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, Mapping):
+            raise wrong()
+        return apply_settings(annotation(), value, source, text=text, prefix=f"{key}.")
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if annotation in (int, float, str):
-        if annotation is int and isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if annotation is not str and isinstance(value, bool):
-            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+        if text and isinstance(value, str) and value.lower() in _TRUE_WORDS + _FALSE_WORDS:
+            return value.lower() in _TRUE_WORDS
+        raise wrong()
+    if annotation in (int, float):
+        if isinstance(value, bool) or (annotation is int and isinstance(value, float) and not value.is_integer()):
+            raise wrong()
+        if not text and not isinstance(value, int if annotation is int else int | float):
+            raise wrong()
         try:
             return annotation(value)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}") from err
-    raise ConfigError(f"{key}: unsupported field type {annotation}")
+            raise wrong() from err
+    if annotation is str:
+        if text or isinstance(value, str):
+            return str(value)
+        raise wrong()
+    if annotation is Path:
+        if isinstance(value, str | Path):
+            return Path(value)
+        raise wrong()
+    if isinstance(annotation, type) and isinstance(value, annotation):
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported setting type {annotation}")
 
 
-def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in values.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"unknown config key {dotted!r} (known here: {known})")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{dotted}: expected a table of settings, got {value!r}")
-            _apply(current, value, prefix=f"{dotted}.")
-        else:
-            setattr(obj, key, _coerce(value, hints[key], dotted))
+def reject_unknown_keys(values: Mapping[str, Any], known: Collection[str], source: str, prefix: str = "") -> None:
+    for name in values:
+        if name not in known:
+            raise ConfigError(
+                f"{source}: unknown config key {prefix + name!r} (unknown keys are errors, so that a typo cannot fall "
+                f"back to a default; known here: {', '.join(sorted(known))})")
+
+
+def apply_settings(
+    settings: T,
+    values: Mapping[str, Any],
+    source: str,
+    *,
+    text: bool = False,
+    prefix: str = "",
+    not_settable: Collection[str] = (),
+) -> T:
+    """``settings`` (a dataclass) with ``values`` applied: a new object; nested tables go into nested
+    settings, and a table setting (``dict``) is updated key by key, so each layer (defaults, file,
+    command line) overrides only what it names.
+
+    ``source`` names where the values come from (a file, "--set") in every error; ``prefix`` is the
+    dotted path of ``settings`` in it; fields in ``not_settable`` are not keys of this table.
+    """
+    hints = typing.get_type_hints(type(settings))
+    fields = {f.name: f for f in dataclasses.fields(settings)  # type: ignore[arg-type]
+              if f.init and f.name not in not_settable}
+    reject_unknown_keys(values, fields, source, prefix)
+    changes: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        current, parse = getattr(settings, name), fields[name].metadata.get("parse")
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            changes[name] = apply_settings(current, value, source, text=text, prefix=f"{key}.")
+            continue
+        new = parse(value, key, source) if parse is not None and not text else coerce_setting(
+            value, hints[name], key, source, text=text)
+        changes[name] = {**current, **new} if isinstance(current, dict) and isinstance(new, dict) else new
+    return dataclasses.replace(settings, **changes)  # type: ignore[type-var]
+
+
+def read_settings_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (or, by its suffix, JSON) settings file as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config file {path} does not parse: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} does not hold a table of settings")
+    return values
+
+
+def plain_settings(value: Any) -> Any:
+    """Settings as JSON-ready values (paths as text, tuples as lists, dataclasses as dicts): for logs."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_settings(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(name): plain_settings(item) for name, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_settings(item) for item in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+# ------------------------------------------------------------------------------- the run config
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -238,28 +374,23 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """``config`` with ``--set section.key=value`` overrides applied (converted to each key's type)."""
+    return apply_settings(config, parse_overrides(list(overrides)), "--set", text=True)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the TOML/JSON file, then the overrides; validated."""
     config = RunConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        try:
-            values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"config file {path} does not parse: {err}") from err
-        _apply(config, values)
-    if overrides:
-        _apply(config, parse_overrides(overrides))
+        config = apply_settings(config, read_settings_file(path), str(path))
+    config = apply_overrides(config, overrides or [])
     validate(config)
     return config
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
-    config = RunConfig()
-    _apply(config, values)
+    config = apply_settings(RunConfig(), values, "config")
     validate(config)
     return config
 
@@ -277,6 +408,7 @@ def validate(config: RunConfig) -> None:
     _check(0.0 <= data.contamination < 1.0, "data.contamination must be in [0, 1)")
     _check(0.0 <= train.calibration_fraction < 1.0, "train.calibration_fraction must be in [0, 1)")
     _check(train.calibration_min >= 0, "train.calibration_min must be >= 0")
+    _check(train.calibration_outlier_z >= 0, "train.calibration_outlier_z must be >= 0 (0: no outlier cut)")
     _check(train.calibration_source in ("training", "kept"), "train.calibration_source must be training or kept")
     _check(train.iterations > 0 and train.batch_size > 0, "train.iterations and batch_size must be > 0")
     _check(train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16")

@@ -21,6 +21,7 @@ to know them, so the daemon can answer that frame with an error result instead o
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import math
 import re
@@ -40,6 +41,15 @@ MAP_ENCODINGS = ("uint8", "float16")
 HEARTBEAT_TOPIC = b"hb"
 RESULT_TOPIC_PREFIX = b"result/"
 
+# The daemon's endpoints unless serve.toml or flags say otherwise (replay, watch, ctl and the gateway
+# default to the same): loopback only, so nothing off the machine reaches the daemon until the line
+# PC's settings open it.
+DEFAULT_INTAKE = "tcp://127.0.0.1:5555"
+DEFAULT_RESULTS = "tcp://127.0.0.1:5556"
+DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
+DEFAULT_HEALTH_HOST = "127.0.0.1"
+DEFAULT_HEALTH_PORT = 8765
+
 MAX_HEADER_BYTES = 16 * 1024
 # A frame header is an object holding a list; extra fields may nest, but not without end: deep
 # nesting is how a hostile JSON text exhausts a recursive parser.
@@ -54,6 +64,22 @@ SHOWN_VALUE_CHARS = 80  # an invalid field's value is quoted in error messages u
 
 DECISION_OK = "OK"
 DECISION_NG = "NG"
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for endpoints only this machine can reach: loopback TCP, ipc:// and inproc://."""
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    if transport != "tcp":
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or "*": reachable from outside
 
 
 class ErrorCode(enum.IntEnum):

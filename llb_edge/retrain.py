@@ -44,7 +44,7 @@ import numpy as np
 
 from llb_edge import metrics
 from llb_edge.bundle import Bundle, load_bundle, operator_name, utc_now
-from llb_edge.config import RunConfig, config_from_dict, config_to_dict, load_config, parse_overrides, validate
+from llb_edge.config import RunConfig, apply_overrides, load_config, validate
 from llb_edge.errors import LLBEdgeError
 from llb_edge.pool import PoolFrame, read_pool
 from llb_edge.runs import read_json, read_run_config, write_json
@@ -339,24 +339,14 @@ def retrain_config(
         cfg = load_config(config, list(overrides))
     else:
         source = Path(current.manifest.source_run)
-        base = config_to_dict(read_run_config(source)) if (source / "config.json").is_file() else config_to_dict(
-            RunConfig())
-        _merge(base, parse_overrides(list(overrides)))
-        cfg = config_from_dict(base)
+        base = read_run_config(source) if (source / "config.json").is_file() else RunConfig()
+        cfg = apply_overrides(base, overrides)
     cfg.name, cfg.out_dir = RUN_NAME, str(work_dir)
     d = cfg.data
     d.dataset, d.root, d.normal_dir, d.defect_dir, d.mask_dir = "folder", str(data_dir), POOL_SUBDIR, "", ""
     d.test_fraction, d.split_seed, d.contamination, d.max_test = holdout_fraction, seed, 0.0, 0
     validate(cfg)
     return cfg
-
-
-def _merge(base: dict[str, Any], updates: dict[str, Any]) -> None:
-    for key, value in updates.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
 
 
 def _new_name(taken: set[str]) -> str:

@@ -20,7 +20,6 @@ endpoint (loopback TCP or ipc), so it is as private as the machine.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from dataclasses import dataclass, field
@@ -58,22 +57,6 @@ class ControlKeys:
         if not secret or not server:
             raise ControlError(f"set both {SECRET_ENV} and {SERVER_KEY_ENV} (or neither)")
         return cls(Path(secret), Path(server))
-
-
-def is_local_endpoint(endpoint: str) -> bool:
-    """True for endpoints only this machine can reach: loopback TCP, ipc:// and inproc://."""
-    transport, _, address = endpoint.partition("://")
-    if transport in ("ipc", "inproc"):
-        return True
-    if transport != "tcp":
-        return False
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # an interface name or "*": reachable from outside
 
 
 @dataclass(frozen=True)

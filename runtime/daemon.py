@@ -50,7 +50,7 @@ import time
 import types
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,6 @@ from llb_edge.data.transforms import Geometry
 from llb_edge.errors import LLBEdgeError
 from llb_edge.protocol import (
     DECISION_NG,
-    DEFAULT_MAX_PAYLOAD_BYTES,
-    MAP_ENCODINGS,
     MAX_HEADER_BYTES,
     ErrorCode,
     FrameHeader,
@@ -74,13 +72,11 @@ from llb_edge.protocol import (
     encode_heartbeat,
     encode_result,
 )
-from llb_edge.runtime.backends import BACKEND_CHOICES, Backend, create_backend, self_check
-from llb_edge.runtime.capture import CaptureOptions, FrameCapture
-from llb_edge.runtime.control import ControlRequest, is_local_endpoint, parse_control_request
-from llb_edge.runtime.drift import DEFAULT_NG_RATE_ALPHA, DEFAULT_NG_RATE_WINDOW, NgRateMonitor
+from llb_edge.runtime.backends import Backend, create_backend, self_check
+from llb_edge.runtime.capture import FrameCapture
+from llb_edge.runtime.control import ControlRequest, parse_control_request
+from llb_edge.runtime.drift import NgRateMonitor
 from llb_edge.runtime.frames import (
-    DEFAULT_CAMERA_IDLE_S,
-    DEFAULT_MAX_PIXELS,
     Frame,
     FrameQueues,
     decode_frame_image,
@@ -101,15 +97,8 @@ from llb_edge.runtime.keys import (
 from llb_edge.runtime.logs import RateLimitedLog, configure_json_logging, get_logger, log_event
 from llb_edge.runtime.operator_page import OperatorPage
 from llb_edge.runtime.postprocess import ModelIdentity, error_result, inspection_result, top_fraction_of
-from llb_edge.runtime.roi import RegionOfInterest
+from llb_edge.runtime.serve_options import ServeOptions
 from llb_edge.runtime.versions import resolve_bundle_dir
-
-DEFAULT_INTAKE = "tcp://127.0.0.1:5555"
-DEFAULT_RESULTS = "tcp://127.0.0.1:5556"
-DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
-DEFAULT_HEALTH_PORT = 8765
-INTAKE_MODES = ("pull", "sub")
-MAP_PAYLOAD_CHOICES = ("none", *MAP_ENCODINGS)
 
 POLL_MS = 100  # how often blocked threads look at their stop flag
 OUTBOX_LIMIT = 10_000  # results waiting for the publisher; PUB never blocks, so this stays near 0
@@ -121,85 +110,6 @@ REBIND_WAIT_S = 2.0  # how long the publisher waits for the results port to be f
 SEQUENCE_CAMERAS = 4096  # cameras whose result seq is remembered (least recently published forgotten)
 
 logger = get_logger("daemon")
-
-
-@dataclass
-class ServeOptions:
-    """Everything `llb-edge serve` can be told; defaults are safe for a line PC (loopback only)."""
-
-    intake: str = DEFAULT_INTAKE  # endpoint frames arrive on
-    intake_mode: str = "pull"  # pull (cameras PUSH to us) | sub (we subscribe to cameras' PUB)
-    intake_connect: bool = False  # connect to ``intake`` instead of binding it (SUB to a camera)
-    results: str = DEFAULT_RESULTS  # PUB endpoint results and heartbeats go out on (bound)
-    control: str | None = DEFAULT_CONTROL  # REP endpoint for reload/status/threshold; None: off
-    health_host: str = "127.0.0.1"
-    health_port: int | None = DEFAULT_HEALTH_PORT  # HTTP /live /ready /metrics; 0: any free; None: off
-    backend: str = "auto"  # auto | tensorrt | ort-cuda | ort-cpu
-    max_batch: int = 8
-    max_wait_ms: float = 2.0  # how long the oldest frame may wait for a batch to fill
-    queue_size: int = 8  # frames per camera before keep-newest drops; >= max_batch: one camera fills a batch
-    post_workers: int = 2  # threads post-processing inspected frames while the next batch runs
-    max_cameras: int = 64
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decoded image size limit
-    map_payload: str = "none"  # none | uint8 | float16: attach the anomaly map to results
-    heartbeat_s: float = 1.0
-    intake_hwm: int = 16  # small: a backlog in ZeroMQ buffers is latency the line pays for
-    results_hwm: int = 1000
-    curve_secret: Path | None = None  # server .key_secret: enables CURVE on intake and results
-    curve_allowed: Path | None = None  # folder of allowed client .key files (required with CURVE)
-    control_allowed: Path | None = None  # folder of operator .key files for the control socket (CURVE)
-    reload_allow: tuple[Path, ...] | None = None  # more folders reloads may load bundles from than the served one
-    camera_idle_s: float = DEFAULT_CAMERA_IDLE_S  # a camera silent this long gives up its slot
-    ort_threads: int | None = None  # ONNX Runtime intra-op threads; None: all cores
-    capture: CaptureOptions = field(default_factory=CaptureOptions)  # frame capture for retraining; off by default
-    # Per camera: only this part of its frames is inspected (runtime/roi.py); cameras not listed: the whole frame.
-    regions: dict[str, RegionOfInterest] = field(default_factory=dict)
-    ng_rate_window: int = DEFAULT_NG_RATE_WINDOW  # frames per camera in the NG-rate drift check (runtime/drift.py)
-    ng_rate_alpha: float = DEFAULT_NG_RATE_ALPHA  # false-alarm probability of that check per full window
-
-    def validate(self) -> None:
-        problems = []
-        if self.intake_mode not in INTAKE_MODES:
-            problems.append(f"intake_mode must be one of {INTAKE_MODES}")
-        if self.backend not in BACKEND_CHOICES:
-            problems.append(f"backend must be one of {BACKEND_CHOICES}")
-        if self.map_payload not in MAP_PAYLOAD_CHOICES:
-            problems.append(f"map_payload must be one of {MAP_PAYLOAD_CHOICES}")
-        positive = (
-            "max_batch",
-            "queue_size",
-            "post_workers",
-            "max_cameras",
-            "max_payload_bytes",
-            "max_pixels",
-            "intake_hwm",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1")
-        if self.max_wait_ms < 0 or self.heartbeat_s <= 0 or self.camera_idle_s <= 0:
-            problems.append("max_wait_ms must be >= 0, heartbeat_s and camera_idle_s > 0")
-        if self.ng_rate_window < 1 or not 0.0 < self.ng_rate_alpha < 1.0:
-            problems.append("ng_rate_window must be >= 1 and ng_rate_alpha in (0, 1)")
-        if (self.curve_secret is None) != (self.curve_allowed is None):
-            problems.append("CURVE needs both curve_secret (server key) and curve_allowed (client keys folder)")
-        curve = self.curve_secret is not None
-        if self.control is not None and curve and self.control_allowed is None:
-            problems.append(
-                "with CURVE the control socket authenticates operators: give control_allowed (a folder of "
-                "operator .key files; it may be curve_allowed) or turn control off"
-            )
-        if self.control_allowed is not None and not curve:
-            problems.append("control_allowed needs CURVE (curve_secret and curve_allowed)")
-        if self.control is not None and not curve and not is_local_endpoint(self.control):
-            problems.append(
-                f"the control endpoint {self.control} is reachable from other machines: bind it to loopback "
-                "(tcp://127.0.0.1:PORT) or ipc://, or configure CURVE so that it authenticates operators"
-            )
-        problems += self.capture.problems()
-        if problems:
-            raise ValueError("invalid serve options: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -217,10 +127,14 @@ class ServingModel:
 
     @property
     def expected_ng_rate(self) -> float | None:
-        """The false-reject rate the bundle's calibration images predict at the threshold in use."""
+        """The NG rate the bundle's calibration images predict at the threshold in use.
+
+        Every calibration image counts, its suspected defects included (no outlier cut): the slice is
+        a random draw of the parts, so the line's defects are NG here too and the drift alarm must not
+        take them for drift."""
         if self.calibration is None:
             return None
-        return estimate_frr(self.calibration, self.threshold).expected
+        return estimate_frr(self.calibration, self.threshold, outlier_z=None).expected
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -1092,13 +1006,17 @@ class Daemon:
 # ------------------------------------------------------------------------------------ entry points
 
 
-def serve(bundle_dir: str | Path, options: ServeOptions | None = None, *, log_level: str = "INFO") -> int:
+def serve(bundle_dir: str | Path, options: ServeOptions | None = None, *, settings_file: Path | None = None) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT; SIGHUP reloads the bundle.
 
     Returns the process exit code (0 after a graceful stop). Must run on the main thread for the
-    signal handlers; elsewhere it serves until the process ends.
+    signal handlers; elsewhere it serves until the process ends. The resolved settings are logged
+    first (``serve_settings``, with the ``settings_file`` they were read from, if any).
     """
-    configure_json_logging(log_level)
+    options = options or ServeOptions()
+    configure_json_logging(options.log_level.upper())
+    log_event(logger, logging.INFO, "serve_settings", bundle=str(bundle_dir),
+              settings_file=None if settings_file is None else str(settings_file), settings=options.describe())
     daemon = Daemon(bundle_dir, options).start()
     requests = {"stop": False, "reload": False}
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TypeVar
 
+from llb_edge.protocol import DEFAULT_HEALTH_HOST, DEFAULT_HEALTH_PORT
+
 LabelValues = tuple[str, ...]
 _M = TypeVar("_M", bound="_Metric")
 
@@ -252,8 +254,8 @@ class HealthServer:
         registry: MetricsRegistry,
         is_live: Callable[[], bool],
         is_ready: Callable[[], bool],
-        host: str = "127.0.0.1",
-        port: int = 8765,
+        host: str = DEFAULT_HEALTH_HOST,
+        port: int = DEFAULT_HEALTH_PORT,
         pages: PageHandler | None = None,
         *,
         idle_timeout_s: float = HEALTH_IDLE_TIMEOUT_S,

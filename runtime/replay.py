@@ -20,7 +20,7 @@ import numpy as np
 import zmq
 
 from llb_edge.data.images import read_image_rgb
-from llb_edge.protocol import ENCODINGS, FrameHeader, encode_frame, raw_frame_header
+from llb_edge.protocol import DEFAULT_INTAKE, ENCODINGS, FrameHeader, encode_frame, raw_frame_header
 from llb_edge.runtime.keys import configure_client
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -97,7 +97,7 @@ def encode_rgb_frame(
 
 def replay(
     path: str | Path,
-    endpoint: str = "tcp://127.0.0.1:5555",
+    endpoint: str = DEFAULT_INTAKE,
     *,
     fps: float = 10.0,
     camera_id: str = "cam0",

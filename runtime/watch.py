@@ -11,6 +11,7 @@ from typing import TextIO
 import zmq
 
 from llb_edge.protocol import (
+    DEFAULT_RESULTS,
     HEARTBEAT_TOPIC,
     RESULT_TOPIC_PREFIX,
     Heartbeat,
@@ -47,7 +48,7 @@ def format_heartbeat(heartbeat: Heartbeat) -> str:
 
 
 def watch(
-    endpoint: str = "tcp://127.0.0.1:5556",
+    endpoint: str = DEFAULT_RESULTS,
     *,
     cameras: list[str] | None = None,
     count: int | None = None,

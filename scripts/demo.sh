@@ -14,7 +14,8 @@ echo "== 1/3 train (LLB stage 1 + final model) and evaluate: runs/$run"
 
 echo "== 2/3 export with parity gate: bundles/$run"
 # The threshold is calibrated, without labels, for a 5% false-reject rate on the 25 training images
-# held back from training (1%, the default, needs 99); --validation test then measures the
+# held back from training (1%, the default, needs 99), their outliers (suspected defective cells of
+# the 10% contamination) left out first; --validation test then measures the
 # false-reject and escape rates it really gives on the labelled test images, which the model never saw.
 "$cli" export "runs/$run" --out "bundles/$run" --precision fp32 --target-frr 0.05 --validation test
 

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from llb_edge.calibration import (
+    DEFAULT_CALIBRATION_OUTLIER_Z,
     CalibrationError,
+    RobustScale,
     binomial_alarm_count,
     bundle_calibration_scores,
+    bundle_outlier_z,
     clopper_pearson_upper,
     estimate_frr,
     minimum_calibration_count,
@@ -97,3 +100,58 @@ def test_calibration_slice_of_the_kept_images() -> None:
     again_train, again_held = calibration_split(kept, TrainConfig(seed=3))
     assert np.array_equal(held, again_held) and np.array_equal(train, again_train)
     assert not np.array_equal(held, calibration_split(kept, TrainConfig(seed=4))[1])
+
+
+def test_robust_scale_ignores_the_contaminated_upper_tail():
+    clean = np.random.default_rng(0).normal(1.0, 0.1, 400)
+    dirty = np.concatenate([clean, np.full(100, 5.0)])  # 20% far outliers
+    robust = RobustScale.of(dirty)
+    # The half-normal estimate from below the median stays near sigma; the plain std explodes.
+    assert robust.scale == pytest.approx(0.1, rel=0.25) and dirty.std() > 1.0
+    assert robust.z(robust.median + 3 * robust.scale) == pytest.approx(3.0)
+
+
+def test_unlabelled_defects_in_the_slice_are_left_out_of_the_threshold() -> None:
+    # 95 normal parts and 5 defects far above them; a 5% target on all 100 (k = ceil(101 * 0.95) = 96)
+    # would put the threshold among the defects, and every defect of that kind would pass.
+    normal = np.random.default_rng(3).permutation(np.linspace(0.8, 1.2, 95))
+    defects = np.array([3.0, 3.5, 4.0, 4.5, 5.0])
+    scores = np.concatenate([normal, defects])
+    plain = threshold_for_target(scores, 0.05, outlier_z=None)
+    assert plain.threshold > 3.0 and plain.excluded == 0
+    cut = threshold_for_target(scores, 0.05)
+    assert cut.excluded == 5 and normal.max() < cut.outlier_cut < 3.0
+    # The conformal rank is taken among the 95 inliers: k = ceil(96 * 0.95) = 92nd smallest normal score.
+    assert cut.threshold == math.nextafter(float(np.sort(normal)[91]), math.inf)
+    assert cut.calibration_count == 100 and cut.calibration_rejects == 3
+    assert cut.expected == pytest.approx(4 / 96)
+    assert cut.upper == pytest.approx(clopper_pearson_upper(3, 95))
+    # Were the five normal parts after all, all of them would be false rejects too.
+    assert cut.upper_if_normal == pytest.approx(clopper_pearson_upper(8, 100))
+
+
+def test_a_clean_slice_loses_almost_nothing_to_the_outlier_cut() -> None:
+    scores = np.random.default_rng(4).normal(1.0, 0.1, 400)
+    estimate = threshold_for_target(scores, 0.05)
+    assert estimate.excluded <= 4  # a Gaussian tail beyond 2.5 sigma is ~0.6%
+    assert estimate.threshold == pytest.approx(threshold_for_target(scores, 0.05, outlier_z=None).threshold, rel=0.02)
+
+
+def test_estimate_at_any_threshold_counts_outliers_only_in_the_bound_if_normal() -> None:
+    scores = [*np.linspace(1.0, 2.0, 40), 10.0, 11.0]
+    low = estimate_frr(scores, 1.5)  # 20 inliers at or above 1.5 (1.5128.. upward), both outliers above it
+    assert low.excluded == 2 and low.calibration_rejects == 20
+    assert low.upper_if_normal == pytest.approx(clopper_pearson_upper(22, 42))
+    high = estimate_frr(scores, 10.5)  # between the outliers: one of them would be a false reject
+    assert high.calibration_rejects == 0 and high.upper_if_normal == pytest.approx(clopper_pearson_upper(1, 42))
+    assert estimate_frr(scores, 10.5, outlier_z=None).calibration_rejects == 1
+
+
+def test_bundle_records_which_outlier_cut_its_calibration_used() -> None:
+    # Exported before the cut existed: re-calibrated as a new export would.
+    assert bundle_outlier_z({}) == DEFAULT_CALIBRATION_OUTLIER_Z
+    assert bundle_outlier_z({"calibration": {"scores": [0.1], "outlier_z": 3}}) == 3.0
+    assert bundle_outlier_z({"calibration": {"scores": [0.1], "outlier_z": None}}) is None
+    for bad in (0, -1, "2.5", True):
+        with pytest.raises(CalibrationError, match="outlier_z"):
+            bundle_outlier_z({"calibration": {"scores": [0.1], "outlier_z": bad}})

@@ -27,6 +27,7 @@ from llb_edge.bundle import (
     load_bundle,
     set_threshold,
 )
+from llb_edge.calibration import DEFAULT_CALIBRATION_OUTLIER_Z
 from llb_edge.exporters import parity
 from llb_edge.exporters.bundle_export import bundle_parity_images, export_bundle, resolve_formats
 from llb_edge.exporters.lint import LintError, lint_model
@@ -140,8 +141,11 @@ def test_thresholds(exported: tuple[Path, list[str]], tiny_run: Path) -> None:
     assert m.extra["calibration"]["source"] == "training"
     frr = m.threshold.frr
     assert frr["target"] == 0.01 and frr["calibration_count"] == len(calibration) == 12
-    assert not frr["reachable"] and frr["expected"] == pytest.approx(1 / 13)  # 1% needs 99 calibration images
-    assert frr["upper"] == pytest.approx(1 - 0.05 ** (1 / 12))
+    # 1% needs 99 calibration images; the slice's outliers (suspected defects) are left out first.
+    inliers = 12 - frr["excluded"]
+    assert m.extra["calibration"]["outlier_z"] == frr["outlier_z"] == DEFAULT_CALIBRATION_OUTLIER_Z
+    assert not frr["reachable"] and frr["expected"] == pytest.approx(1 / (inliers + 1))
+    assert frr["upper"] == pytest.approx(1 - 0.05 ** (1 / inliers))
     # --validation test: measured rates at the chosen threshold, on the run's labelled test images.
     measured = m.extra["validation"]
     assert measured["threshold"] == m.threshold.value and measured["normal"] + measured["anomalous"] == 16

@@ -367,3 +367,20 @@ def test_interrupted_retrain_resumes_from_its_snapshot_and_rejudges(served_bundl
     decision = json.loads((report / "decision.json").read_text())
     assert decision["passed"] is False and [d["passed"] for d in decision["earlier_decisions"]] == [True]
     assert "compare_s" not in decision["timing"]
+
+
+def test_retrain_recipe_is_the_source_runs_config_with_typed_overrides(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from llb_edge.config import load_config, write_config
+    from llb_edge.retrain import retrain_config
+
+    source = tmp_path / "source-run"
+    source.mkdir()
+    write_config(load_config(None, ["model.encoder=test_tiny_patch14", "llb.k=4"]), source / "config.json")
+    current = SimpleNamespace(manifest=SimpleNamespace(source_run=str(source)))
+    cfg = retrain_config(current, None, ["train.iterations=7", "llb.keep=0.5"], tmp_path / "data", tmp_path / "w",
+                         0.2, 3)
+    assert (cfg.model.encoder, cfg.llb.k) == ("test_tiny_patch14", 4)  # from the source run
+    assert (cfg.train.iterations, cfg.llb.keep_fraction) == (7, 0.5)  # the overrides, converted
+    assert (cfg.data.dataset, cfg.data.test_fraction, cfg.data.split_seed) == ("folder", 0.2, 3)

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from llb_edge.calibration import RobustScale
 from llb_edge.config import RunConfig
 from llb_edge.data.samples import ANOMALOUS, UNKNOWN, Sample, save_sample_list
 from llb_edge.metrics import image_metrics
@@ -116,33 +117,9 @@ def select_lowest(consensus: dict[str, float], count: int) -> list[str]:
     return sorted(consensus, key=lambda path: (consensus[path], path))[:count]
 
 
-@dataclass(frozen=True)
-class RobustScale:
-    """Median and a contamination-proof standard deviation of a score distribution.
-
-    The scale is the root mean square distance to the median of the scores at or below it (the
-    half-normal estimate of sigma): unlabelled defects only ever raise scores, so the lower half is
-    the clean side. A plain MAD counts the contaminated upper tail and widens with it.
-    """
-
-    median: float
-    scale: float
-
-    @classmethod
-    def of(cls, values: np.ndarray) -> RobustScale:
-        median = float(np.median(values))
-        lower = values[values <= median]
-        scale = float(np.sqrt(np.mean((lower - median) ** 2)))
-        return cls(median, scale if scale > 0 else float(np.finfo(np.float64).tiny))
-
-    def z(self, value: float) -> float:
-        return (value - self.median) / self.scale
-
-
 def automatic_cut(consensus: dict[str, float], outlier_z: float) -> float:
     """The consensus score above which an image is a suspect: median + outlier_z robust sigmas."""
-    robust = RobustScale.of(np.fromiter(consensus.values(), float))
-    return robust.median + outlier_z * robust.scale
+    return RobustScale.of(consensus.values()).above(outlier_z)
 
 
 def cut_ranking(consensus: dict[str, float], keep: float | None, outlier_z: float) -> tuple[list[str], float]:
@@ -405,7 +382,7 @@ def summarise(
     llb = cfg.llb
     kept_set = set(kept)
     per_model = [read_json(submodel_dir(stage_dir, j) / SCORES) for j in range(llb.k)]
-    robust = RobustScale.of(np.fromiter(consensus.values(), float))
+    robust = RobustScale.of(consensus.values())
     suspects = sorted((p for p in consensus if p not in kept_set), key=lambda p: -consensus[p])
     summary: dict[str, Any] = {
         "submodel": llb.submodel,

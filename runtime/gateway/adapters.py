@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from llb_edge.protocol import MAX_FRAME_ID_CHARS
-from llb_edge.runtime.gateway.config import GATEWAY_TAGS, ReconnectPolicy
+from llb_edge.runtime.gateway.config import ReconnectPolicy
+from llb_edge.runtime.gateway.tags import GATEWAY_TAGS, HEALTH_TAGS, STROBE_TAG, TAGS
 from llb_edge.runtime.logs import get_logger, log_event
 
 logger = get_logger("gateway")
@@ -31,57 +31,11 @@ logger = get_logger("gateway")
 # the gateway can write.
 WriteKind = Literal["result", "health", "restore"]
 
-# Tags that change without a new result: fail-safe, heartbeat, handshake flags. A "health" write
-# carries only these; a "result" write carries every tag.
-HEALTH_TAGS = (
-    "Ready",
-    "Busy",
-    "ResultValid",
-    "OK",
-    "NG",
-    "ResultCode",
-    "Heartbeat",
-    "Fault",
-    "ErrorCode",
-    "ModelVersion",
-)
-# The strobe: written after (or atomically with) the data it announces, never before it.
-STROBE_TAG = "ResultValid"
-
-
-@dataclass(frozen=True)
-class TagType:
-    """How a tag is typed on each protocol (docs/gateway.md has the table)."""
-
-    opcua: str  # asyncua VariantType name
-    plc: str  # IEC 61131-3 type a PLC programmer declares
-    array: int = 0  # element count for arrays
-
-
-TAG_TYPES: dict[str, TagType] = {
-    "Ready": TagType("Boolean", "BOOL"),
-    "Busy": TagType("Boolean", "BOOL"),
-    "ResultValid": TagType("Boolean", "BOOL"),
-    "OK": TagType("Boolean", "BOOL"),
-    "NG": TagType("Boolean", "BOOL"),
-    "ResultCode": TagType("UInt16", "UINT"),
-    "Score": TagType("Float", "REAL"),
-    "DefectArea": TagType("UInt32", "UDINT"),
-    "BBox": TagType("UInt16", "ARRAY[0..3] OF UINT", array=4),
-    "InspectionID": TagType("UInt32", "UDINT"),
-    "FrameID": TagType("String", f"STRING[{MAX_FRAME_ID_CHARS}]"),
-    "Heartbeat": TagType("Boolean", "BOOL"),
-    "Fault": TagType("Boolean", "BOOL"),
-    "ErrorCode": TagType("UInt16", "UINT"),
-    "ModelVersion": TagType("String", "STRING[16]"),
-    "Trigger": TagType("UInt32", "UDINT"),
-    "ResultsAck": TagType("UInt32", "UDINT"),
-}
-
 
 @dataclass(frozen=True)
 class Tags:
-    """Every value the gateway shows a PLC for one camera (an immutable snapshot)."""
+    """Every value the gateway shows a PLC for one camera (an immutable snapshot); one field per gateway
+    tag of the tag table (runtime/gateway/tags.py, its ``value_field``)."""
 
     ready: bool = False
     busy: bool = False
@@ -103,27 +57,9 @@ class Tags:
         return dataclasses.replace(self, **changes)
 
     def by_name(self) -> dict[str, Any]:
-        """Tag name (as in GATEWAY_TAGS) -> value."""
-        return {
-            "Ready": self.ready,
-            "Busy": self.busy,
-            "ResultValid": self.result_valid,
-            "OK": self.ok,
-            "NG": self.ng,
-            "ResultCode": self.result_code,
-            "Score": self.score,
-            "DefectArea": self.defect_area,
-            "BBox": list(self.bbox),
-            "InspectionID": self.inspection_id,
-            "FrameID": self.frame_id,
-            "Heartbeat": self.heartbeat,
-            "Fault": self.fault,
-            "ErrorCode": self.error_code,
-            "ModelVersion": self.model_version,
-        }
-
-
-assert tuple(Tags().by_name()) == GATEWAY_TAGS, "Tags.by_name must list every gateway tag, in order"
+        """Tag name (as in GATEWAY_TAGS) -> value; arrays as lists."""
+        values = {tag.name: getattr(self, tag.value_field) for tag in TAGS if tag.value_field is not None}
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()}
 
 
 def ordered_writes(tags: Tags, kind: WriteKind) -> tuple[list[tuple[str, Any]], tuple[str, Any]]:

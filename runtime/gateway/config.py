@@ -7,23 +7,29 @@ fall back to a default that nobody chose (a PLC address, a word order).
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llb_edge.errors import LLBEdgeError
-from llb_edge.protocol import is_valid_camera_id
+from llb_edge.config import ConfigError, apply_settings, coerce_setting, read_settings_file, reject_unknown_keys
+from llb_edge.protocol import DEFAULT_RESULTS, is_valid_camera_id
+from llb_edge.runtime.gateway.tags import (
+    ALL_TAGS,
+    MODBUS_BLOCK_REGISTERS,
+    S7_BLOCK_BYTES,
+    S7_DEFAULT_SPACING_BYTES,
+    opcua_node_name,
+)
 
-DEFAULT_RESULTS = "tcp://127.0.0.1:5556"
 DEFAULT_OPCUA_ENDPOINT = "opc.tcp://127.0.0.1:4840/llb-edge/"
 DEFAULT_NAMESPACE = "urn:llb-edge:gateway"
-DEFAULT_NODE_TEMPLATE = "ns=2;s=Inspection.{camera}.{tag}"
-MODBUS_BLOCK_REGISTERS = 32  # one camera's register block; see docs/gateway.md for the map
+# The node ids an opcua-client adapter writes by default: those of the gateway's own server.
+DEFAULT_NODE_TEMPLATE = f"ns=2;s={opcua_node_name('{camera}', '{tag}')}"
 WORD_ORDERS = ("big", "little")
-ADAPTER_TYPES = ("opcua-server", "opcua-client", "modbus-client", "modbus-server", "s7")
-S7_BLOCK_BYTES = 52  # one camera's bytes in the S7 data block; see docs/gateway.md for the layout
+MODBUS_PORT = 502
 # OPC UA message security, as asyncua's SecurityPolicyType names them ("None": no security). The
 # deprecated Basic128Rsa15 and Basic256 policies are left out on purpose.
 OPCUA_SECURITY_POLICIES = (
@@ -36,33 +42,7 @@ OPCUA_SECURITY_POLICIES = (
     "Aes256Sha256RsaPss_SignAndEncrypt",
 )
 
-# Tag names as a PLC programmer sees them (types and meaning: docs/gateway.md). The gateway writes
-# GATEWAY_TAGS; the PLC writes PLC_TAGS (only read when the camera's handshake is on).
-GATEWAY_TAGS = (
-    "Ready",
-    "Busy",
-    "ResultValid",
-    "OK",
-    "NG",
-    "ResultCode",
-    "Score",
-    "DefectArea",
-    "BBox",
-    "InspectionID",
-    "FrameID",
-    "Heartbeat",
-    "Fault",
-    "ErrorCode",
-    "ModelVersion",
-)
-PLC_TAGS = ("Trigger", "ResultsAck")
-ALL_TAGS = GATEWAY_TAGS + PLC_TAGS
-# What an opcua-client adapter writes unless its `tags` option says otherwise. FrameID came later
-# than the rest: PLC data blocks made before it lack the node, and a missing node fails the connect.
-CLIENT_DEFAULT_TAGS = tuple(tag for tag in GATEWAY_TAGS if tag != "FrameID")
-
-
-class GatewayConfigError(LLBEdgeError, ValueError):
+class GatewayConfigError(ConfigError):
     """The gateway config (file or flags) is invalid; the message says where."""
 
 
@@ -142,7 +122,7 @@ class OpcUaClientConfig(AdapterConfig):
 class ModbusConfig(AdapterConfig):
     mode: str = "client"  # client: we write a PLC's holding registers; server: the PLC polls us
     host: str = "127.0.0.1"
-    port: int = 502
+    port: int = MODBUS_PORT
     unit_id: int = 1
     word_order: str = "big"  # 32-bit values: "big" = high word first, "little" = low word first
     base: dict[str, int] = field(default_factory=dict)  # camera -> first register of its block
@@ -268,6 +248,10 @@ def _adapter_problems(adapter: AdapterConfig) -> list[str]:
             problems.append(f"adapter {adapter.name}: username and password_env go together")
         elif adapter.password_env is not None and adapter.password_env not in os.environ:
             problems.append(f"adapter {adapter.name}: environment variable {adapter.password_env} is not set")
+        for camera, tags in adapter.nodes.items():
+            problems += [f"adapter {adapter.name}: nodes.{camera}.{tag} must be a node id string (BBox: or 4 of them)"
+                         for tag, node in tags.items()
+                         if not isinstance(node, str) and not (tag == "BBox" and len(node) == 4)]
         bad = [tag for tag in adapter.tags if tag not in ALL_TAGS]
         for tags in adapter.nodes.values():
             bad += [tag for tag in tags if tag not in ALL_TAGS]
@@ -295,178 +279,83 @@ def _security_problems(
 
 
 # ------------------------------------------------------------------------------------------ parsing
+# Each table of the file goes through the one settings loader (llb_edge/config.py) into the
+# dataclasses above, which hold the only copy of every default.
+
+ADAPTER_CLASSES: dict[str, type[AdapterConfig]] = {
+    "opcua-server": OpcUaServerConfig,
+    "opcua-client": OpcUaClientConfig,
+    "modbus-client": ModbusConfig,
+    "modbus-server": ModbusConfig,
+    "s7": S7Config,
+}
+ADAPTER_TYPES = tuple(ADAPTER_CLASSES)
+FILE_SECTIONS = ("gateway", "cameras", "adapters")
+RECONNECT_PREFIX = "reconnect_"  # [gateway] reconnect_initial_s = ... sets ReconnectPolicy.initial_s
 
 
-class _Table:
-    """A TOML table read key by key; whatever was not read is reported as unknown."""
-
-    def __init__(self, values: Any, where: str) -> None:
-        if not isinstance(values, dict):
-            raise GatewayConfigError(f"{where} must be a table")
-        self._values = values
-        self._where = where
-        self._read: set[str] = set()
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        self._read.add(key)
-        if key not in self._values:
-            return default
-        value = self._values[key]
-        # TOML has ints and floats; a float option written as "3" is still meant as 3.0.
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise GatewayConfigError(f"{self._where}.{key} has the wrong type: {value!r}")
-        return value
-
-    def table(self, key: str) -> dict[str, Any]:
-        self._read.add(key)
-        value = self._values.get(key, {})
-        if not isinstance(value, dict):
-            raise GatewayConfigError(f"{self._where}.{key} must be a table")
-        return value
-
-    def finish(self) -> None:
-        unknown = sorted(set(self._values) - self._read)
-        if unknown:
-            raise GatewayConfigError(f"{self._where}: unknown keys {unknown}")
+def _table(value: Any, where: str, source: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise GatewayConfigError(f"{source}: {where} must be a table")
+    return dict(value)
 
 
-def _path(value: str | None) -> Path | None:
-    return None if value is None else Path(value)
+def default_layout(cameras: Sequence[str], spacing: int) -> dict[str, int]:
+    """Where cameras' blocks start unless configured: one after the other, ``spacing`` apart."""
+    return {camera: index * spacing for index, camera in enumerate(cameras)}
 
 
-def _int_table(values: dict[str, Any], where: str) -> dict[str, int]:
-    for camera, start in values.items():
-        if not isinstance(start, int) or isinstance(start, bool):
-            raise GatewayConfigError(f"{where}.{camera} must be an integer address")
-    return dict(values)
-
-
-def _node_overrides(values: dict[str, Any], where: str) -> dict[str, dict[str, str | list[str]]]:
-    overrides: dict[str, dict[str, str | list[str]]] = {}
-    for camera, tags in values.items():
-        if not isinstance(tags, dict):
-            raise GatewayConfigError(f"{where}.{camera} must be a table of tag = node id")
-        for tag, node in tags.items():
-            is_list = isinstance(node, list) and len(node) == 4 and all(isinstance(n, str) for n in node)
-            if not isinstance(node, str) and not (tag == "BBox" and is_list):
-                raise GatewayConfigError(f"{where}.{camera}.{tag} must be a node id string (BBox: or 4 of them)")
-        overrides[camera] = dict(tags)
-    return overrides
-
-
-def _adapter(name: str, values: Any, camera_ids: list[str]) -> AdapterConfig:
+def _adapter(name: str, values: Any, camera_ids: tuple[str, ...], source: str) -> AdapterConfig:
     where = f"adapters.{name}"
-    table = _Table(values, where)
-    kind = table.get("type", str, None)
-    if kind not in ADAPTER_TYPES:
-        raise GatewayConfigError(f"{where}.type must be one of {ADAPTER_TYPES}, got {kind!r}")
-    cameras = tuple(table.get("cameras", list, []) or camera_ids)
-    adapter: AdapterConfig
-    if kind == "opcua-server":
-        adapter = OpcUaServerConfig(
-            name=name,
-            cameras=cameras,
-            endpoint=table.get("endpoint", str, DEFAULT_OPCUA_ENDPOINT),
-            namespace=table.get("namespace", str, DEFAULT_NAMESPACE),
-            security=tuple(table.get("security", list, ["None"])),
-            certificate=_path(table.get("certificate", str, None)),
-            private_key=_path(table.get("private_key", str, None)),
-            trusted_clients=_path(table.get("trusted_clients", str, None)),
-        )
-    elif kind == "opcua-client":
-        adapter = OpcUaClientConfig(
-            name=name,
-            cameras=cameras,
-            url=table.get("url", str, "opc.tcp://127.0.0.1:4840"),
-            node_template=table.get("node_template", str, DEFAULT_NODE_TEMPLATE),
-            nodes=_node_overrides(table.table("nodes"), f"{where}.nodes"),
-            tags=tuple(table.get("tags", list, [])),
-            timeout_s=table.get("timeout_s", float, 2.0),
-            security=table.get("security", str, "None"),
-            certificate=_path(table.get("certificate", str, None)),
-            private_key=_path(table.get("private_key", str, None)),
-            server_certificate=_path(table.get("server_certificate", str, None)),
-            username=table.get("username", str, None),
-            password_env=table.get("password_env", str, None),
-        )
-    elif kind == "s7":
-        offset = {camera: index * 64 for index, camera in enumerate(cameras)}
-        offset.update(_int_table(table.table("offset"), f"{where}.offset"))
-        adapter = S7Config(
-            name=name,
-            cameras=cameras,
-            host=table.get("host", str, "127.0.0.1"),
-            port=table.get("port", int, 102),
-            rack=table.get("rack", int, 0),
-            slot=table.get("slot", int, 1),
-            db=table.get("db", int, 1),
-            offset=offset,
-            timeout_s=table.get("timeout_s", float, 2.0),
-        )
-    else:
-        base_table = table.table("base")
-        base = {camera: index * MODBUS_BLOCK_REGISTERS for index, camera in enumerate(cameras)}
-        base.update(_int_table(base_table, f"{where}.base"))
-        adapter = ModbusConfig(
-            name=name,
-            cameras=cameras,
-            mode=kind.removeprefix("modbus-"),
-            host=table.get("host", str, "127.0.0.1"),
-            port=table.get("port", int, 502),
-            unit_id=table.get("unit_id", int, 1),
-            word_order=table.get("word_order", str, "big"),
-            base=base,
-            timeout_s=table.get("timeout_s", float, 1.0),
-        )
-    table.finish()
-    return adapter
+    table = _table(values, where, source)
+    kind = table.pop("type", None)
+    if kind not in ADAPTER_CLASSES:
+        raise GatewayConfigError(f"{source}: {where}.type must be one of {ADAPTER_TYPES}, got {kind!r}")
+    cameras = coerce_setting(table.pop("cameras", ()), tuple[str, ...], f"{where}.cameras", source) or camera_ids
+    fixed: dict[str, Any] = {"name": name, "cameras": cameras}
+    if kind.startswith("modbus-"):
+        # Default blocks one after the other; the file's `base` table moves any of them.
+        fixed |= {"mode": kind.removeprefix("modbus-"), "base": default_layout(cameras, MODBUS_BLOCK_REGISTERS)}
+    if kind == "s7":
+        fixed["offset"] = default_layout(cameras, S7_DEFAULT_SPACING_BYTES)
+    adapter = ADAPTER_CLASSES[kind](**fixed)
+    return apply_settings(adapter, table, source, prefix=f"{where}.", not_settable=("name", "cameras", "mode", "type"))
+
+
+def _parse(values: dict[str, Any], source: str) -> GatewayConfig:
+    reject_unknown_keys(values, FILE_SECTIONS, source)
+    cameras = tuple(
+        apply_settings(CameraConfig(camera_id), _table(table, f"cameras.{camera_id}", source), source,
+                       prefix=f"cameras.{camera_id}.", not_settable=("camera_id",))
+        for camera_id, table in _table(values.get("cameras", {}), "cameras", source).items()
+    )
+    camera_ids = tuple(camera.camera_id for camera in cameras)
+    adapters = tuple(_adapter(name, table, camera_ids, source)
+                     for name, table in _table(values.get("adapters", {}), "adapters", source).items())
+    gateway = _table(values.get("gateway", {}), "gateway", source)
+    reconnect = {key.removeprefix(RECONNECT_PREFIX): gateway.pop(key) for key in list(gateway)
+                 if key.startswith(RECONNECT_PREFIX)}
+    config = apply_settings(GatewayConfig(cameras, adapters), gateway, source, prefix="gateway.",
+                            not_settable=("cameras", "adapters", "reconnect"))
+    return dataclasses.replace(config, reconnect=apply_settings(
+        config.reconnect, reconnect, source, prefix=f"gateway.{RECONNECT_PREFIX}"))
 
 
 def parse_config(values: dict[str, Any], where: str = "config") -> GatewayConfig:
-    """A GatewayConfig from parsed TOML (validated)."""
-    top = _Table(values, where)
-    gateway = _Table(top.table("gateway"), "gateway")
-    cameras: list[CameraConfig] = []
-    for camera_id, camera_values in top.table("cameras").items():
-        table = _Table(camera_values, f"cameras.{camera_id}")
-        cameras.append(
-            CameraConfig(
-                camera_id=camera_id,
-                handshake=table.get("handshake", bool, False),
-                trigger_timeout_s=table.get("trigger_timeout_s", float, 0.0),
-                handshake_adapter=table.get("handshake_adapter", str, None),
-            )
-        )
-        table.finish()
-    camera_ids = [camera.camera_id for camera in cameras]
-    adapters = [_adapter(name, adapter_values, camera_ids) for name, adapter_values in top.table("adapters").items()]
-    config = GatewayConfig(
-        cameras=tuple(cameras),
-        adapters=tuple(adapters),
-        results=gateway.get("results", str, DEFAULT_RESULTS),
-        fail_safe_s=gateway.get("fail_safe_s", float, 3.0),
-        heartbeat_s=gateway.get("heartbeat_s", float, 1.0),
-        handshake_poll_s=gateway.get("handshake_poll_s", float, 0.02),
-        write_timeout_s=gateway.get("write_timeout_s", float, 2.0),
-        reconnect=ReconnectPolicy(
-            initial_s=gateway.get("reconnect_initial_s", float, 0.5),
-            max_s=gateway.get("reconnect_max_s", float, 10.0),
-        ),
-        curve_secret=_path(gateway.get("curve_secret", str, None)),
-        curve_server_public=_path(gateway.get("curve_server_public", str, None)),
-    )
-    gateway.finish()
-    top.finish()
+    """A GatewayConfig from parsed TOML (validated); ``where`` names the file in errors."""
+    try:
+        config = _parse(values, where)
+    except GatewayConfigError:
+        raise
+    except ConfigError as err:
+        raise GatewayConfigError(str(err)) from err
     config.validate()
     return config
 
 
 def load_config(path: str | Path) -> GatewayConfig:
-    path = Path(path)
     try:
-        values = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise GatewayConfigError(f"cannot read gateway config {path}: {err}") from err
+        values = read_settings_file(path)
+    except ConfigError as err:
+        raise GatewayConfigError(f"cannot read gateway config: {err}") from err
     return parse_config(values, str(path))

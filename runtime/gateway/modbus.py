@@ -1,28 +1,17 @@
 """Modbus TCP adapters (pymodbus): a client writing a PLC's holding registers, and a server that
-PLCs poll. Both use one register map per camera (docs/gateway.md), starting at the camera's base:
+PLCs poll. Both use one register block per camera, starting at the camera's base; where each tag
+sits is in the tag table (runtime/gateway/tags.py, explained in docs/gateway.md).
 
-    offset  registers  tag                       type
-    0       1          Status bits               bit 0 Ready, 1 Busy, 2 ResultValid, 3 OK, 4 NG,
-                                                 5 Heartbeat, 6 Fault
-    1       1          ResultCode                UINT16
-    2       1          ErrorCode                 UINT16
-    3       2          Score                     FLOAT32 (IEEE 754), word order configurable
-    5       2          DefectArea                UINT32, word order configurable
-    7       4          BBox x, y, w, h           UINT16 each
-    11      2          InspectionID              UINT32, word order configurable
-    13      8          ModelVersion              16 ASCII chars, 2 per register (high byte first)
-    21      2          Trigger       (PLC)       UINT32, word order configurable
-    23      2          ResultsAck    (PLC)       UINT32, word order configurable
-    25      7          reserved
-
-The gateway writes offsets 0..20 in ONE request (function 16): Modbus servers apply a request as a
-whole, so a PLC never reads a new ResultValid next to old data. Offsets 21..24 belong to the PLC.
-The gateway's own server (ModbusServerAdapter) enforces that: clients may read any block register
-(function 3) and write only 21..24 (functions 6 and 16); any other write is refused with ILLEGAL
-DATA ADDRESS and any other function code with ILLEGAL FUNCTION, so no client can set OK.
+The gateway writes its part of the block (every register before Trigger) in ONE request (function
+16): Modbus servers apply a request as a whole, so a PLC never reads a new ResultValid next to old
+data. Trigger and ResultsAck belong to the PLC. The gateway's own server (ModbusServerAdapter)
+enforces that: clients may read any block register (function 3) and write only the PLC's registers
+(functions 6 and 16); any other write is refused with ILLEGAL DATA ADDRESS and any other function
+code with ILLEGAL FUNCTION, so no client can set OK.
 Bytes inside a register are big-endian (Modbus); only the order of the two words of a 32-bit
 value differs between PLC makes, hence ``word_order``: "big" = high word first (Modicon, most
-PLCs), "little" = low word first.
+PLCs), "little" = low word first. Strings are bytes, not numbers: 2 characters per register, high
+byte first, never word-swapped.
 """
 
 from __future__ import annotations
@@ -36,24 +25,25 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from llb_edge.runtime.gateway.adapters import Adapter, HandshakeInputs, Tags
-from llb_edge.runtime.gateway.config import MODBUS_BLOCK_REGISTERS, ModbusConfig
+from llb_edge.runtime.gateway.config import ModbusConfig
+from llb_edge.runtime.gateway.tags import (
+    MODBUS_BLOCK_REGISTERS,
+    MODBUS_HANDSHAKE_REGISTER,
+    MODBUS_HANDSHAKE_REGISTERS,
+    MODBUS_STATUS_REGISTER,
+    MODBUS_TAGS,
+    MODBUS_WRITTEN_REGISTERS,
+    PLC_TAGS,
+    REAL,
+    STATUS_BITS,
+    TAG_BY_NAME,
+    UDINT,
+    Tag,
+    TagType,
+)
 
-STATUS_BITS = ("Ready", "Busy", "ResultValid", "OK", "NG", "Heartbeat", "Fault")
-OFFSETS = {
-    "Status": 0,
-    "ResultCode": 1,
-    "ErrorCode": 2,
-    "Score": 3,
-    "DefectArea": 5,
-    "BBox": 7,
-    "InspectionID": 11,
-    "ModelVersion": 13,
-    "Trigger": 21,
-    "ResultsAck": 23,
-}
-WRITTEN_REGISTERS = 21  # offsets 0..20: everything the gateway owns
-PLC_REGISTERS = range(OFFSETS["Trigger"], OFFSETS["ResultsAck"] + 2)  # 21..24: the only ones a PLC writes
-MODEL_VERSION_CHARS = 16
+# The registers only a PLC writes: every camera's Trigger and ResultsAck.
+PLC_REGISTERS = range(MODBUS_HANDSHAKE_REGISTER, MODBUS_HANDSHAKE_REGISTER + MODBUS_HANDSHAKE_REGISTERS)
 FC_READ_HOLDING = 3
 FC_WRITE_SINGLE = 6
 FC_WRITE_MULTIPLE = 16
@@ -90,36 +80,57 @@ def registers_to_uint32(words: list[int], word_order: str) -> int:
     return struct.unpack(">I", _from_words(words, word_order))[0]
 
 
+def _encode(kind: TagType, value: Any, word_order: str) -> list[int]:
+    """A tag value as its ``kind.registers`` registers."""
+    if kind.chars:
+        text = value.encode("ascii", "replace")[: kind.chars].ljust(2 * kind.registers, b"\0")
+        return _words(text, "big")  # text is a byte string, not a number: no word swapping
+    if kind == REAL:
+        return float32_to_registers(value, word_order)
+    if kind == UDINT:
+        return uint32_to_registers(value, word_order)
+    return [item & 0xFFFF for item in value] if kind.elements else [value & 0xFFFF]
+
+
+def _decode(kind: TagType, words: list[int], word_order: str) -> Any:
+    if kind.chars:
+        return _from_words(words, "big").rstrip(b"\0").decode("ascii", "replace")
+    if kind == REAL:
+        return registers_to_float32(words, word_order)
+    if kind == UDINT:
+        return registers_to_uint32(words, word_order)
+    return list(words) if kind.elements else words[0]
+
+
 def encode_block(tags: Tags, word_order: str) -> list[int]:
-    """The WRITTEN_REGISTERS registers of one camera's block."""
+    """The MODBUS_WRITTEN_REGISTERS registers of one camera's block."""
     values = tags.by_name()
-    status = sum(1 << bit for bit, name in enumerate(STATUS_BITS) if values[name])
-    text = tags.model_version.encode("ascii", "replace")[:MODEL_VERSION_CHARS].ljust(MODEL_VERSION_CHARS, b"\0")
-    registers = [status, tags.result_code & 0xFFFF, tags.error_code & 0xFFFF]
-    registers += float32_to_registers(tags.score, word_order)
-    registers += uint32_to_registers(tags.defect_area, word_order)
-    registers += [side & 0xFFFF for side in tags.bbox]
-    registers += uint32_to_registers(tags.inspection_id, word_order)
-    registers += _words(text, "big")  # text is a byte string, not a number: no word swapping
-    assert len(registers) == WRITTEN_REGISTERS
+    registers = [0] * MODBUS_WRITTEN_REGISTERS
+    registers[MODBUS_STATUS_REGISTER] = sum(1 << bit for bit, name in enumerate(STATUS_BITS) if values[name])
+    for tag in MODBUS_TAGS:
+        if tag.writer == "gateway" and tag.register is not None:
+            end = tag.register + tag.type.registers
+            registers[tag.register : end] = _encode(tag.type, values[tag.name], word_order)
     return registers
 
 
+def _decode_tag(tag: Tag, registers: list[int], word_order: str, first_register: int = 0) -> Any:
+    """``tag``'s value in ``registers`` (read from ``first_register`` of the block on); None if they end before it."""
+    start = (tag.register or 0) - first_register
+    words = registers[start : start + tag.type.registers]
+    return _decode(tag.type, words, word_order) if len(words) == tag.type.registers else None
+
+
 def decode_block(registers: list[int], word_order: str) -> dict[str, Any]:
-    """Tag values from a camera block read back (at least WRITTEN_REGISTERS registers; 25 with the
-    PLC's Trigger/ResultsAck). For tools, demos and tests: the PLC does this in its own program."""
-    status = registers[0]
+    """Tag values from a camera block read back (at least MODBUS_WRITTEN_REGISTERS registers; the whole
+    block includes the PLC's Trigger/ResultsAck). For tools, demos and tests: the PLC does this in its
+    own program."""
+    status = registers[MODBUS_STATUS_REGISTER]
     values: dict[str, Any] = {name: bool(status >> bit & 1) for bit, name in enumerate(STATUS_BITS)}
-    values["ResultCode"] = registers[1]
-    values["ErrorCode"] = registers[2]
-    values["Score"] = registers_to_float32(registers[3:5], word_order)
-    values["DefectArea"] = registers_to_uint32(registers[5:7], word_order)
-    values["BBox"] = list(registers[7:11])
-    values["InspectionID"] = registers_to_uint32(registers[11:13], word_order)
-    values["ModelVersion"] = _from_words(registers[13:21], "big").rstrip(b"\0").decode("ascii", "replace")
-    if len(registers) >= 25:
-        values["Trigger"] = registers_to_uint32(registers[21:23], word_order)
-        values["ResultsAck"] = registers_to_uint32(registers[23:25], word_order)
+    for tag in MODBUS_TAGS:
+        value = _decode_tag(tag, registers, word_order)
+        if value is not None:
+            values[tag.name] = value
     return values
 
 
@@ -143,9 +154,12 @@ class _ModbusAdapter(Adapter):
         await self.write_result(camera_id, tags)
 
     async def read_handshake(self, camera_id: str) -> HandshakeInputs:
-        words = await self._read_registers(self.settings.base_of(camera_id) + OFFSETS["Trigger"], 4)
-        order = self.settings.word_order
-        return HandshakeInputs(trigger=registers_to_uint32(words[:2], order), ack=registers_to_uint32(words[2:], order))
+        words = await self._read_registers(
+            self.settings.base_of(camera_id) + MODBUS_HANDSHAKE_REGISTER, MODBUS_HANDSHAKE_REGISTERS
+        )
+        trigger, ack = (_decode_tag(TAG_BY_NAME[name], words, self.settings.word_order, MODBUS_HANDSHAKE_REGISTER)
+                        for name in PLC_TAGS)
+        return HandshakeInputs(trigger=trigger, ack=ack)
 
 
 class ModbusClientAdapter(_ModbusAdapter):

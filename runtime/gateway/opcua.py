@@ -32,24 +32,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from llb_edge.runtime.gateway.adapters import (
-    TAG_TYPES,
-    Adapter,
-    HandshakeInputs,
-    Tags,
-    WriteKind,
-    ordered_writes,
-)
-from llb_edge.runtime.gateway.config import (
+from llb_edge.runtime.gateway.adapters import Adapter, HandshakeInputs, Tags, WriteKind, ordered_writes
+from llb_edge.runtime.gateway.config import OpcUaClientConfig, OpcUaServerConfig
+from llb_edge.runtime.gateway.tags import (
     ALL_TAGS,
     CLIENT_DEFAULT_TAGS,
+    OPCUA_FOLDER,
     PLC_TAGS,
-    OpcUaClientConfig,
-    OpcUaServerConfig,
+    TAG_BY_NAME,
+    opcua_node_name,
 )
 from llb_edge.runtime.keys import require_plain_name
-
-FOLDER = "Inspection"
 
 # Integer ranges per OPC UA type: a value outside its node's range would fail the whole write.
 _INT_RANGES = {
@@ -65,7 +58,7 @@ _INT_RANGES = {
 
 
 def server_node_id(namespace_index: int, camera_id: str, tag: str) -> ua.NodeId:
-    return ua.NodeId(f"{FOLDER}.{camera_id}.{tag}", namespace_index)
+    return ua.NodeId(opcua_node_name(camera_id, tag), namespace_index)
 
 
 def convert(value: Any, variant_type: ua.VariantType) -> Any:
@@ -193,24 +186,27 @@ class OpcUaServerAdapter(Adapter):
         server.set_server_name("llb-edge gateway")
         await _secure_server(server, self.settings)
         index = await server.register_namespace(self.settings.namespace)
-        folder = await server.nodes.objects.add_folder(ua.NodeId(FOLDER, index), ua.QualifiedName(FOLDER, index))
+        folder = await server.nodes.objects.add_folder(
+            ua.NodeId(OPCUA_FOLDER, index), ua.QualifiedName(OPCUA_FOLDER, index)
+        )
         for camera_id in self.cameras:
             inspection = await folder.add_object(
-                ua.NodeId(f"{FOLDER}.{camera_id}", index), ua.QualifiedName(camera_id, index)
+                ua.NodeId(f"{OPCUA_FOLDER}.{camera_id}", index), ua.QualifiedName(camera_id, index)
             )
             initial = Tags().by_name() | {"Trigger": 0, "ResultsAck": 0}
             for tag in ALL_TAGS:
-                variant_type = ua.VariantType[TAG_TYPES[tag].opcua]
+                kind = TAG_BY_NAME[tag].type
+                variant_type = ua.VariantType[kind.opcua]
                 node = await inspection.add_variable(
                     server_node_id(index, camera_id, tag),
                     ua.QualifiedName(tag, index),
                     _variant(initial[tag], variant_type),
                 )
-                if TAG_TYPES[tag].array:
+                if kind.elements:
                     # A fixed-length one-dimensional array (UInt16[4]); asyncua would leave the
                     # rank open (ValueRank 0, "one or more dimensions").
                     await node.write_value_rank(ua.ValueRank.OneDimension)
-                    await node.write_array_dimensions([TAG_TYPES[tag].array])
+                    await node.write_array_dimensions([kind.elements])
                 if tag in PLC_TAGS:
                     await node.set_writable()
         self._namespace_index = index
@@ -221,7 +217,7 @@ class OpcUaServerAdapter(Adapter):
             raise ConnectionError("OPC UA server not started")
         now = datetime.datetime.now(datetime.UTC)
         for tag, value in items:
-            variant = _variant(value, ua.VariantType[TAG_TYPES[tag].opcua])
+            variant = _variant(value, ua.VariantType[TAG_BY_NAME[tag].type.opcua])
             await self._server.write_attribute_value(
                 server_node_id(self._namespace_index, camera_id, tag),
                 ua.DataValue(variant, SourceTimestamp=now, ServerTimestamp=now),

@@ -15,16 +15,18 @@ from typing import Any
 
 from llb_edge.runtime.gateway.adapters import Adapter
 from llb_edge.runtime.gateway.config import (
-    MODBUS_BLOCK_REGISTERS,
+    MODBUS_PORT,
     WORD_ORDERS,
     CameraConfig,
     GatewayConfig,
     GatewayConfigError,
     ModbusConfig,
     OpcUaServerConfig,
+    default_layout,
     load_config,
 )
 from llb_edge.runtime.gateway.core import Gateway
+from llb_edge.runtime.gateway.tags import MODBUS_BLOCK_REGISTERS
 from llb_edge.runtime.logs import capture_library_logs, configure_json_logging, get_logger, log_event
 
 logger = get_logger("gateway")
@@ -63,24 +65,17 @@ def build_config(
     if word_order is not None and word_order not in WORD_ORDERS:
         raise GatewayConfigError(f"word order must be one of {WORD_ORDERS}, got {word_order!r}")
     camera_ids = tuple(camera.camera_id for camera in camera_configs)
-    blocks = {camera_id: index * MODBUS_BLOCK_REGISTERS for index, camera_id in enumerate(camera_ids)}
+    blocks = default_layout(camera_ids, MODBUS_BLOCK_REGISTERS)
     extra: list[Any] = []
     if opcua_endpoint is not None:
         extra.append(OpcUaServerConfig(name="opcua", cameras=camera_ids, endpoint=opcua_endpoint))
     for mode, address in (("server", modbus_server), ("client", modbus_client)):
         if address is not None:
-            host, port = _host_port(address, 502)
-            extra.append(
-                ModbusConfig(
-                    name=f"modbus-{mode}",
-                    cameras=camera_ids,
-                    mode=mode,
-                    host=host,
-                    port=port,
-                    word_order=word_order or "big",
-                    base=blocks,
-                )
+            host, port = _host_port(address, MODBUS_PORT)
+            adapter = ModbusConfig(
+                name=f"modbus-{mode}", cameras=camera_ids, mode=mode, host=host, port=port, base=blocks
             )
+            extra.append(adapter if word_order is None else dataclasses.replace(adapter, word_order=word_order))
     changes: dict[str, Any] = {"adapters": base.adapters + tuple(extra)}
     if results_endpoint is not None:
         changes["results"] = results_endpoint

@@ -2,23 +2,12 @@
 
 The CPU needs "Permit access with PUT/GET communication" enabled and the target data block
 must be non-optimised (standard access), so that byte offsets mean something. One block of
-S7_BLOCK_BYTES per camera at its configured offset in the DB; S7 is big-endian, so there is no
-word-order question here:
+S7_BLOCK_BYTES per camera at its configured offset in the DB; where each tag sits is in the tag
+table (runtime/gateway/tags.py, explained in docs/gateway.md). S7 is big-endian, so there is no
+word-order question here; a STRING[n] is the S7 string: its max length, its actual length, n chars.
 
-    byte  type                 tag
-    0     BOOL x7 (DBX0.0-0.6) Ready, Busy, ResultValid, OK, NG, Heartbeat, Fault
-    1     BYTE                 reserved
-    2     UINT                 ResultCode
-    4     UINT                 ErrorCode
-    6     REAL                 Score
-    10    UDINT                DefectArea
-    14    ARRAY[0..3] OF UINT  BBox x, y, w, h
-    22    UDINT                InspectionID
-    26    STRING[16]           ModelVersion (S7 string: max length, actual length, 16 chars)
-    44    UDINT                Trigger     (PLC writes)
-    48    UDINT                ResultsAck  (PLC writes)
-
-Bytes 0..43 go out in one db_write (one PDU), so the status byte never changes without its data.
+The gateway's part of the block (every byte before Trigger) goes out in one db_write (one PDU), so
+the status byte never changes without its data.
 """
 
 from __future__ import annotations
@@ -30,49 +19,68 @@ from snap7 import AsyncClient
 
 from llb_edge.runtime.gateway.adapters import Adapter, HandshakeInputs, Tags
 from llb_edge.runtime.gateway.config import S7Config
+from llb_edge.runtime.gateway.tags import (
+    PLC_TAGS,
+    REAL,
+    S7_HANDSHAKE_BYTE,
+    S7_HANDSHAKE_BYTES,
+    S7_STATUS_BYTE,
+    S7_TAGS,
+    S7_WRITTEN_BYTES,
+    STATUS_BITS,
+    TAG_BY_NAME,
+    UDINT,
+    Tag,
+    TagType,
+)
 
-STATUS_BITS = ("Ready", "Busy", "ResultValid", "OK", "NG", "Heartbeat", "Fault")
-_NUMBERS = struct.Struct(">BBHHfI4HI")  # bytes 0..25
-STRING_CHARS = 16
-WRITTEN_BYTES = _NUMBERS.size + 2 + STRING_CHARS  # 44
-HANDSHAKE_OFFSET = WRITTEN_BYTES  # Trigger, then ResultsAck
-_HANDSHAKE = struct.Struct(">II")
+
+def _struct(kind: TagType) -> struct.Struct:
+    """The big-endian layout of a number (or array of numbers) of this type."""
+    code = "f" if kind == REAL else "I" if kind == UDINT else "H"
+    return struct.Struct(f">{max(kind.elements, 1)}{code}")
+
+
+def _encode(kind: TagType, value: Any) -> bytes:
+    if kind.chars:
+        text = value.encode("ascii", "replace")[: kind.chars]
+        return bytes([kind.chars, len(text)]) + text.ljust(kind.chars, b"\0")
+    mask = 0xFFFFFFFF if kind == UDINT else 0xFFFF
+    numbers = [value] if kind == REAL else [item & mask for item in value] if kind.elements else [value & mask]
+    return _struct(kind).pack(*numbers)
+
+
+def _decode_tag(tag: Tag, data: bytes, first_byte: int = 0) -> Any:
+    """``tag``'s value in ``data`` (read from ``first_byte`` of the block on); None if it ends before it."""
+    start = (tag.s7_byte or 0) - first_byte
+    if len(data) < start + tag.type.s7_bytes:
+        return None
+    if tag.type.chars:
+        length = min(data[start + 1], tag.type.chars)
+        return bytes(data[start + 2 : start + 2 + length]).decode("ascii", "replace")
+    numbers = _struct(tag.type).unpack_from(data, start)
+    return list(numbers) if tag.type.elements else numbers[0]
 
 
 def encode_s7_block(tags: Tags) -> bytearray:
+    """The S7_WRITTEN_BYTES bytes of one camera's block."""
     values = tags.by_name()
-    status = sum(1 << bit for bit, name in enumerate(STATUS_BITS) if values[name])
-    numbers = _NUMBERS.pack(
-        status,
-        0,
-        tags.result_code & 0xFFFF,
-        tags.error_code & 0xFFFF,
-        tags.score,
-        tags.defect_area & 0xFFFFFFFF,
-        *(side & 0xFFFF for side in tags.bbox),
-        tags.inspection_id & 0xFFFFFFFF,
-    )
-    text = tags.model_version.encode("ascii", "replace")[:STRING_CHARS]
-    return bytearray(numbers + bytes([STRING_CHARS, len(text)]) + text.ljust(STRING_CHARS, b"\0"))
+    data = bytearray(S7_WRITTEN_BYTES)
+    data[S7_STATUS_BYTE] = sum(1 << bit for bit, name in enumerate(STATUS_BITS) if values[name])
+    for tag in S7_TAGS:
+        if tag.writer == "gateway" and tag.s7_byte is not None:
+            data[tag.s7_byte : tag.s7_byte + tag.type.s7_bytes] = _encode(tag.type, values[tag.name])
+    return data
 
 
 def decode_s7_block(data: bytes) -> dict[str, Any]:
     """Tag values from a camera's block read back (for tools and tests; the PLC reads its DB)."""
-    status, _, result_code, error_code, score, area, x, y, w, h, inspection_id = _NUMBERS.unpack_from(data)
+    status = data[S7_STATUS_BYTE]
     values: dict[str, Any] = {name: bool(status >> bit & 1) for bit, name in enumerate(STATUS_BITS)}
-    length = min(data[_NUMBERS.size + 1], STRING_CHARS)
-    start = _NUMBERS.size + 2
-    values.update(
-        ResultCode=result_code,
-        ErrorCode=error_code,
-        Score=score,
-        DefectArea=area,
-        BBox=[x, y, w, h],
-        InspectionID=inspection_id,
-        ModelVersion=bytes(data[start : start + length]).decode("ascii", "replace"),
-    )
-    if len(data) >= HANDSHAKE_OFFSET + _HANDSHAKE.size:
-        values["Trigger"], values["ResultsAck"] = _HANDSHAKE.unpack_from(data, HANDSHAKE_OFFSET)
+    for tag in S7_TAGS:
+        value = _decode_tag(tag, data)
+        if value is not None:
+            values[tag.name] = value
     return values
 
 
@@ -102,9 +110,9 @@ class S7Adapter(Adapter):
         await self.write_result(camera_id, tags)  # one PDU either way; the whole block stays consistent
 
     async def read_handshake(self, camera_id: str) -> HandshakeInputs:
-        start = self.settings.offset[camera_id] + HANDSHAKE_OFFSET
-        data = await self._connected().db_read(self.settings.db, start, _HANDSHAKE.size)
-        trigger, ack = _HANDSHAKE.unpack(bytes(data))
+        start = self.settings.offset[camera_id] + S7_HANDSHAKE_BYTE
+        data = bytes(await self._connected().db_read(self.settings.db, start, S7_HANDSHAKE_BYTES))
+        trigger, ack = (_decode_tag(TAG_BY_NAME[name], data, S7_HANDSHAKE_BYTE) for name in PLC_TAGS)
         return HandshakeInputs(trigger=trigger, ack=ack)
 
     async def close(self) -> None:

@@ -75,3 +75,20 @@ def test_serves_without_torch_and_reloads_on_sighup(bundle_dir: Path) -> None:
         assert daemon.process.wait(timeout=20) == 0
     finally:
         daemon.stop()
+
+
+def test_settings_file_then_flags_and_the_resolved_settings_logged_first(bundle_dir: Path, tmp_path: Path) -> None:
+    settings = tmp_path / "serve.toml"
+    settings.write_text(f'intake = "{ANY_PORT}"\nresults = "{ANY_PORT}"\ncontrol = "off"\nhealth_port = "off"\n'
+                        'max_batch = 3\nheartbeat_s = 0.05\nort_threads = 1\n[capture]\nband = 0.25\n')
+    daemon = daemon_process([str(bundle_dir), "--config", str(settings), "--max-batch", "5"])
+    try:
+        logged = daemon.wait_for("serve_settings")
+        assert logged["settings_file"] == str(settings)
+        resolved = logged["settings"]
+        assert resolved["max_batch"] == 5  # the flag overrides the file
+        assert (resolved["heartbeat_s"], resolved["capture"]["band"], resolved["control"]) == (0.05, 0.25, None)
+        assert resolved["queue_size"] == 8  # neither: ServeOptions' default
+        assert daemon.wait_for("serving")["backend"] == "ort-cpu"
+    finally:
+        daemon.stop()

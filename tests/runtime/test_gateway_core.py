@@ -18,7 +18,8 @@ from llb_edge.runtime.gateway import GatewayConfigError, build_config, load_conf
 from llb_edge.runtime.gateway.adapters import Adapter, AdapterRunner, HandshakeInputs, Tags
 from llb_edge.runtime.gateway.config import CameraConfig, ReconnectPolicy, parse_config
 from llb_edge.runtime.gateway.core import RESULT_ERROR_BASE, GatewayCore, GatewayError
-from llb_edge.runtime.gateway.modbus import WRITTEN_REGISTERS, decode_block, encode_block
+from llb_edge.runtime.gateway.modbus import decode_block, encode_block
+from llb_edge.runtime.gateway.tags import MODBUS_WRITTEN_REGISTERS
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -140,7 +141,7 @@ def test_results_for_odd_cameras_and_extreme_values_keep_the_gateway_serving() -
     assert tags.ok and tags.score == pytest.approx(3.4028234663852886e38) and tags.defect_area == 2**32 - 1
     assert tags.bbox == (0, 2, 65535, 3)
     # Encodable on every protocol (a score beyond REAL used to fail every write and loop reconnects).
-    assert len(encode_block(tags, "big")) == WRITTEN_REGISTERS
+    assert len(encode_block(tags, "big")) == MODBUS_WRITTEN_REGISTERS
 
 
 def test_fail_safe_trips_after_the_window_and_recovers() -> None:
@@ -262,7 +263,7 @@ def test_modbus_block_round_trips_and_matches_pymodbus(word_order: str) -> None:
         model_version="v7-long-version!",
     )
     registers = encode_block(tags, word_order)
-    assert len(registers) == WRITTEN_REGISTERS and all(0 <= r <= 0xFFFF for r in registers)
+    assert len(registers) == MODBUS_WRITTEN_REGISTERS and all(0 <= r <= 0xFFFF for r in registers)
     kinds = AsyncModbusTcpClient.DATATYPE
     convert = AsyncModbusTcpClient.convert_to_registers
     assert registers[3:5] == convert(0.1234, kinds.FLOAT32, word_order=word_order)

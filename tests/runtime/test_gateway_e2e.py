@@ -41,8 +41,6 @@ from llb_edge.protocol import ErrorCode, ResultHeader
 from llb_edge.runtime.daemon import Daemon
 from llb_edge.runtime.gateway import GatewayThread
 from llb_edge.runtime.gateway.config import (
-    CLIENT_DEFAULT_TAGS,
-    GATEWAY_TAGS,
     CameraConfig,
     GatewayConfig,
     ModbusConfig,
@@ -51,7 +49,7 @@ from llb_edge.runtime.gateway.config import (
     ReconnectPolicy,
 )
 from llb_edge.runtime.gateway.core import RESULT_ERROR_BASE, GatewayError
-from llb_edge.runtime.gateway.modbus import STATUS_BITS
+from llb_edge.runtime.gateway.tags import CLIENT_DEFAULT_TAGS, GATEWAY_TAGS, STATUS_BITS
 from llb_edge.runtime.replay import replay
 
 pytest_plugins = ["runtime_fixtures"]  # contract-test-model bundles

@@ -31,9 +31,10 @@ from llb_edge.runtime.gateway import GatewayThread
 from llb_edge.runtime.gateway.adapters import Tags
 from llb_edge.runtime.gateway.config import CameraConfig, GatewayConfig, ModbusConfig, OpcUaServerConfig
 from llb_edge.runtime.gateway.core import RESULT_ERROR_BASE, GatewayError
-from llb_edge.runtime.gateway.modbus import STATUS_BITS, decode_block
+from llb_edge.runtime.gateway.modbus import decode_block
 from llb_edge.runtime.gateway.opcua import OpcUaServerAdapter, server_node_id
 from llb_edge.runtime.gateway.run import PROTOCOL_LIBRARIES
+from llb_edge.runtime.gateway.tags import STATUS_BITS
 from llb_edge.runtime.logs import capture_library_logs
 
 pytestmark = pytest.mark.timeout(60)

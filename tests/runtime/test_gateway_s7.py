@@ -13,7 +13,8 @@ from llb_edge.runtime.gateway import GatewayThread
 from llb_edge.runtime.gateway.config import CameraConfig, GatewayConfig, ReconnectPolicy, S7Config
 
 snap7 = pytest.importorskip("snap7")
-from llb_edge.runtime.gateway.s7 import HANDSHAKE_OFFSET, decode_s7_block  # noqa: E402 - needs snap7
+from llb_edge.runtime.gateway.s7 import decode_s7_block  # noqa: E402 - needs snap7
+from llb_edge.runtime.gateway.tags import S7_HANDSHAKE_BYTE  # noqa: E402
 
 pytest_plugins = ["runtime_fixtures"]
 pytestmark = pytest.mark.timeout(60)
@@ -60,7 +61,7 @@ def test_s7_adapter_writes_the_data_block_handshakes_and_reconnects(bundle_dir: 
                 assert values["ModelVersion"] == result.model_version
 
                 # Handshake on cam2: the PLC writes Trigger into its own DB, then ResultsAck.
-                trigger_at = OFFSETS["cam2"] + HANDSHAKE_OFFSET
+                trigger_at = OFFSETS["cam2"] + S7_HANDSHAKE_BYTE
                 memory[trigger_at : trigger_at + 4] = struct.pack(">I", 31)
                 wait_until(lambda: block("cam2")["Busy"], 10, "Busy after the trigger")
                 camera.send_frame("cam2", 1, flat_frame(48, 48))
