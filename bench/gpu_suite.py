@@ -219,7 +219,7 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def part_training(s: Settings, out: Path) -> dict[str, Any]:
+def part_training(s: Settings) -> dict[str, Any]:
     import stage1_speed
 
     records = {}
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     wanted = args.parts.split(",")
     runners: dict[str, Callable[[], dict[str, Any]]] = {
-        "training": lambda: part_training(settings, args.out),
+        "training": lambda: part_training(settings),
         "inference": lambda: part_inference(settings, settings.infer_modes),
         "compile": lambda: part_inference(settings, settings.compile_modes),
         "serving": lambda: part_serving(settings, args.out, serving_unavailable),

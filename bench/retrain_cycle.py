@@ -27,9 +27,9 @@ import torch
 from llb_edge.config import load_config, write_config
 from llb_edge.data.images import read_image_rgb
 from llb_edge.exporters.bundle_export import export_bundle
+from llb_edge.retrain import GateConfig, retrain
 from llb_edge.runtime.capture import CaptureOptions, FrameCapture
 from llb_edge.trainer.pipeline import run_training
-from llb_edge.trainer.retrain import GateConfig, retrain
 
 REPO = Path(__file__).resolve().parents[1]
 MTD = REPO.parent / "shared" / "data" / "mtd"

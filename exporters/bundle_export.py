@@ -188,7 +188,8 @@ def parity_image_set(
         candidates = [kept[i] for i in parity.spread_indices([s.label for s in kept], count)]
     if len(candidates) < parity.MIN_PARITY_IMAGES:
         raise ExportError(f"found only {len(candidates)} readable images for the parity gate (need "
-                          f"{parity.MIN_PARITY_IMAGES}); pass images_for_parity (--parity-images)")
+                          f"{parity.MIN_PARITY_IMAGES}): the run's test and training images are not readable "
+                          "here; export where the dataset is, or give export_bundle images_for_parity")
     paths = [s.path for s in candidates]
     return _load_images(paths, geometry), paths
 

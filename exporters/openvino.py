@@ -3,7 +3,7 @@
 Run by ``llb-edge export RUN --format openvino`` (or ``all``, where OpenVINO imports) and by
 ``llb-edge bundle build-engine BUNDLE --engine openvino`` on a line PC holding only the bundle.
 Both need only the line install plus the ``openvino`` extra (openvino, nncf): no torch. NNCF's
-OpenVINO path runs without torch (tests/test_openvino.py quantises with torch blocked).
+OpenVINO path runs without torch (tests/runtime/test_openvino.py quantises with torch blocked).
 
 Per variant (runtime/openvino_backend.py says what each one is):
 

@@ -694,8 +694,8 @@ def retrain(
     promotion only if the gate passes. Exit code 1 when the gate fails or a daemon did not reload."""
     setup_logging(verbose)
     from llb_edge.config import apply_settings
-    from llb_edge.trainer.retrain import GateConfig
-    from llb_edge.trainer.retrain import retrain as run_retrain
+    from llb_edge.retrain import GateConfig
+    from llb_edge.retrain import retrain as run_retrain
 
     if current is None and versions is None:
         fail("give --current BUNDLE_DIR or --versions ROOT (its current version is compared)")

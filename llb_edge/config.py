@@ -146,6 +146,9 @@ class LLBConfig:
     # 0 = as many as fit, N = at most N.
     concurrent_submodels: int = 1
     seed: int = 0
+    # The sub-models' weights (knn: memory banks) are needed only by stage 1 itself (patch masks,
+    # report), so a completed run deletes them (gigabytes for large encoders); true keeps them.
+    keep_submodel_weights: bool = False
 
     @property
     def keep_fraction(self) -> float | None:

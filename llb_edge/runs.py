@@ -9,7 +9,7 @@ Layout (docs/runs.md)::
     <run>/model.safetensors    trainable weights (bottleneck + decoder) of the final model
     <run>/train_scores.json    final model's image scores on its own training images (threshold stats)
     <run>/calibration_scores.json  its scores on the held-back calibration slice (the threshold)
-    <run>/checkpoint.safetensors  resumable state while training runs
+    <run>/checkpoint.safetensors  resumable state while training runs (deleted when the run completes)
     <run>/train_log.jsonl      stage 2's loss and learning rate every few iterations
     <run>/metrics.json, test_scores.jsonl, overlays/  written by evaluation (metrics_bf16.json: bf16 eval)
     <run>/stage1/               LLB screening artifacts (see trainer/llb.py)

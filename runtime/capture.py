@@ -1,6 +1,6 @@
 """Capture of sampled line frames into a pool folder: the training data of `llb-edge retrain`.
 
-The pool's layout and its reader are in runtime/pool.py.
+The pool's layout and its reader are in llb_edge/pool.py (read by labelling and retrain too).
 
 Rules this module keeps, because the daemon's first job is inspecting, not archiving:
 
@@ -41,9 +41,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from llb_edge.pool import FRAMES_DIR, IMAGE_GLOB, IMAGE_SUFFIX, MANIFEST_NAME, TEMP_SUFFIX, manifest_lines
 from llb_edge.runtime.health import MetricsRegistry
 from llb_edge.runtime.logs import RateLimitedLog, get_logger, log_event
-from llb_edge.runtime.pool import FRAMES_DIR, IMAGE_GLOB, IMAGE_SUFFIX, MANIFEST_NAME, TEMP_SUFFIX, manifest_lines
 
 # OpenCV's PNG level 1: about 3x faster than its default (3) for ~10% more bytes. Still lossless.
 PNG_COMPRESSION = 1

@@ -531,31 +531,25 @@ class Daemon:
             evicted = self._queues.put(frame)
             if evicted is not None:
                 self.metrics.drops.inc(camera=evicted.header.camera_id)
+                dropped = evicted.header
                 self._answer_error(
-                    evicted.header,
                     ErrorCode.DROPPED,
                     f"replaced by a newer frame (queue of {self.options.queue_size} full)",
+                    dropped.camera_id, dropped.frame_id, dropped.capture_ts,
                 )
         except ProtocolError as err:
-            self._count_error(err.code, err.message, err.camera_id, err.frame_id)
             if err.attributable:
                 assert err.camera_id is not None and err.frame_id is not None
-                self._publish_error(err.camera_id, err.frame_id, err.capture_ts, err.code, err.message)
+                self._answer_error(err.code, err.message, err.camera_id, err.frame_id, err.capture_ts)
+            else:
+                self._count_error(err.code, err.message, err.camera_id, err.frame_id)
         except Exception as err:  # noqa: BLE001 - a bug must not take the intake down
             self._log_failure("intake_internal_error", err)
             if header is not None:
-                self._answer_error(header, ErrorCode.INTERNAL, f"internal error: {err!r}")
+                self._answer_error(ErrorCode.INTERNAL, f"internal error: {err!r}",
+                                   header.camera_id, header.frame_id, header.capture_ts)
             else:
                 self._count_error(ErrorCode.INTERNAL, repr(err), None, None)
-
-    def _answer_error(self, header: FrameHeader, code: ErrorCode, message: str) -> None:
-        self._count_error(code, message, header.camera_id, header.frame_id)
-        self._publish_error(header.camera_id, header.frame_id, header.capture_ts, code, message)
-
-    def _error_answer(self, header: FrameHeader, code: ErrorCode, message: str, seq: int) -> list[Any]:
-        """Count a frame's error and encode its error result (the caller decides when it is published)."""
-        self._count_error(code, message, header.camera_id, header.frame_id)
-        return self._error_parts(header.camera_id, header.frame_id, header.capture_ts, code, message, seq)
 
     def _log_failure(self, event: str, err: BaseException, **fields: Any) -> None:
         """A traceback for the first few failures of a kind, then counts (a per-frame bug floods logs)."""
@@ -575,14 +569,17 @@ class Daemon:
             frame_id=frame_id,
         )
 
-    def _publish_error(
-        self, camera_id: str, frame_id: int | str, capture_ts: float | None, code: ErrorCode, message: str
+    def _answer_error(
+        self, code: ErrorCode, message: str, camera_id: str, frame_id: int | str, capture_ts: float | None
     ) -> None:
-        self._publish(camera_id, lambda seq: self._error_parts(camera_id, frame_id, capture_ts, code, message, seq))
+        """Count a frame's error and queue its error result for publishing."""
+        self._count_error(code, message, camera_id, frame_id)
+        self._publish(camera_id, functools.partial(self._error_parts, code, message, camera_id, frame_id, capture_ts))
 
     def _error_parts(
-        self, camera_id: str, frame_id: int | str, capture_ts: float | None, code: ErrorCode, message: str, seq: int
+        self, code: ErrorCode, message: str, camera_id: str, frame_id: int | str, capture_ts: float | None, seq: int
     ) -> list[Any]:
+        """The encoded error result of a frame, for the outbox sequence number ``seq``."""
         identity = self._model.identity if self._model is not None else None
         result = error_result(camera_id, frame_id, capture_ts, code, message, identity)
         return encode_result(dataclasses.replace(result, published_ts=time.time(), seq=seq))
@@ -609,7 +606,9 @@ class Daemon:
         except Exception as err:  # noqa: BLE001 - answer the frames, keep serving
             self._log_failure("inference_failed", err, batch=len(batch))
             for frame in batch:
-                self._answer_error(frame.header, ErrorCode.INFERENCE_FAILED, f"inference failed: {err}")
+                header = frame.header
+                self._answer_error(ErrorCode.INFERENCE_FAILED, f"inference failed: {err}",
+                                   header.camera_id, header.frame_id, header.capture_ts)
             return
         infer_s = time.perf_counter() - started
         self.metrics.batch_size.observe(len(batch))
@@ -637,7 +636,10 @@ class Daemon:
             return self._finish_frame(inspected, seq)
         except Exception as err:  # noqa: BLE001 - every frame gets an answer
             self._log_failure("postprocess_failed", err, camera_id=header.camera_id, frame_id=header.frame_id)
-            return self._error_answer(header, ErrorCode.INTERNAL, f"post-processing failed: {err!r}", seq)
+            message = f"post-processing failed: {err!r}"
+            self._count_error(ErrorCode.INTERNAL, message, header.camera_id, header.frame_id)
+            return self._error_parts(ErrorCode.INTERNAL, message, header.camera_id, header.frame_id,
+                                     header.capture_ts, seq)
         finally:
             self._post_slots.release()
 

@@ -193,7 +193,7 @@ def test_mvtec_reader(mvtec_root):
     assert validate_split(split) is split
 
 
-def test_mvtec_errors(mvtec_root, tmp_path):
+def test_mvtec_errors(mvtec_root):
     with pytest.raises(ValueError, match="data.category.*tile"):
         load_dataset(DataConfig(dataset="mvtec", root=str(mvtec_root)))
     with pytest.raises(FileNotFoundError, match=r"MVTec layout expects <root>/nope/train/good; not found"):

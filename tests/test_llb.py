@@ -21,7 +21,7 @@ from llb_edge.config import load_config
 from llb_edge.data.samples import Sample, load_sample_list
 from llb_edge.models.dinomaly import AnomalyScorer, EncoderFeatures
 from llb_edge.runs import RunError
-from llb_edge.trainer import llb, submodels
+from llb_edge.trainer import llb, screening_report, submodels
 from llb_edge.trainer.llb import keep_count, screen, subset_positions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,7 +178,7 @@ def test_selection_is_exactly_the_lowest_by_path(tmp_path, monkeypatch):
     refs = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert {"score_histogram.png", "subset_counts.png", "scores.csv", "purified.jsonl"} <= set(refs)
     assert all((stage_dir / ref).is_file() for ref in refs)
-    assert sum(ref.startswith("removed/") for ref in refs) == llb.REPORT_REMOVED
+    assert sum(ref.startswith("removed/") for ref in refs) == screening_report.REPORT_REMOVED
 
 
 def test_resume_reuses_finished_submodels_and_refuses_other_subsets(tmp_path, monkeypatch):
@@ -351,7 +351,7 @@ def test_default_stage1_end_to_end_through_train(tmp_path):
     # cut here: floor(24 * 0.4) = 9 images, of which at most half is held back).
     kept_run = run_training(load_config(None, tiny_overrides(
         tmp_path / "kept", llb__stages="1,2", llb__keep=0.4, llb__above_cut="drop", train__iterations=4,
-        train__calibration_source="kept")), evaluate_after=False)
+        train__calibration_source="kept", llb__keep_submodel_weights=True)), evaluate_after=False)
     purified = {s.path for s in load_sample_list(kept_run / "stage1" / "purified.jsonl")}
     trained = {s.path for s in load_sample_list(kept_run / "train_list.jsonl")}
     calibration = set(json.loads((kept_run / "calibration_scores.json").read_text())["scores"])
@@ -361,6 +361,44 @@ def test_default_stage1_end_to_end_through_train(tmp_path):
     assert "Suspects, ranked for review" in page and Path(suspects[0]["path"]).name in page
     refs = re.findall(r'src="([^"]+\.png)"', page)
     assert refs and all((run_dir / "stage1" / ref).is_file() for ref in refs)
+
+    # A complete run keeps no checkpoint and, unless asked to, no sub-model weights (docs/runs.md);
+    # each sub-model's scores stay, they are the screening's record.
+    for run, weights_kept in ((run_dir, False), (kept_run, True)):
+        assert not (run / "checkpoint.safetensors").exists() and (run / "model.safetensors").is_file()
+        for j in range(3):
+            assert (run / "stage1" / f"submodel_{j}" / "scores.json").is_file()
+            assert (run / "stage1" / f"submodel_{j}" / "bank.safetensors").is_file() == weights_kept
+
+
+def test_run_interrupted_after_stage1_resumes_then_drops_what_only_resume_needed(tmp_path, monkeypatch):
+    """Killed in stage 2: the resumed run enters stage 1 again, which reads the sub-models' banks
+    (suspect patch masks, report), so they must outlive stage 1; once complete, both they and the
+    checkpoint go, and a complete run refuses --resume (it would train stage 2 afresh)."""
+    from llb_edge.trainer import pipeline
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", llb__stages="1,2", llb__outlier_z=0.5,
+                                           train__iterations=4))
+    real_train = pipeline.train_dinomaly
+
+    def killed_after_training(*args, **kwargs):
+        real_train(*args, **kwargs)
+        raise KeyboardInterrupt("killed after the last checkpoint")
+
+    monkeypatch.setattr(pipeline, "train_dinomaly", killed_after_training)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_training(cfg, evaluate_after=False)
+    stage_dir = cfg.run_dir / "stage1"
+    assert (cfg.run_dir / "checkpoint.safetensors").is_file() and not (cfg.run_dir / "metadata.json").exists()
+    assert all((stage_dir / f"submodel_{j}" / "bank.safetensors").is_file() for j in range(3))
+
+    monkeypatch.setattr(pipeline, "train_dinomaly", real_train)
+    run_dir = pipeline.run_training(cfg, resume=True, evaluate_after=False)
+    assert json.loads((run_dir / "metadata.json").read_text())["screening"]["removed"] > 0  # masks were rebuilt
+    assert not (run_dir / "checkpoint.safetensors").exists()
+    assert not any(stage_dir.rglob("bank.safetensors"))
+    with pytest.raises(RunError, match="complete: nothing to resume"):
+        pipeline.run_training(cfg, resume=True, evaluate_after=False)
 
 
 def test_automatic_cut_keeps_a_clean_set_and_removes_clear_outliers():

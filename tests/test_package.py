@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import zipfile
@@ -45,3 +46,45 @@ def test_line_side_imports_without_torch(tmp_path):
     result = run_isolated(code, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok False"
+
+
+# The steps talk through artifacts on disk (run dir, bundle, capture pool), never by importing each
+# other; the modules that compose steps form the one top layer.
+TOP_LAYER = {"llb_edge/cli.py", "llb_edge/retrain.py"}
+STEP_PACKAGES = {"trainer": "llb_edge.trainer", "exporters": "llb_edge.exporters", "runtime": "llb_edge.runtime"}
+
+
+def imported_modules(path) -> set[str]:
+    """Every module a file imports, at module level or inside a function (absolute names)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import (the layer check reads absolute names only)"
+            # `from llb_edge import runtime` imports the package llb_edge.runtime.
+            found.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
+    return found
+
+
+def imports_of(folder: str) -> dict[str, set[str]]:
+    return {str(path.relative_to(REPO)): imported_modules(path) for path in sorted((REPO / folder).rglob("*.py"))}
+
+
+def importers_of(files: dict[str, set[str]], package: str) -> list[str]:
+    return [f"{name} imports {module}" for name, modules in files.items() for module in sorted(modules)
+            if module == package or module.startswith(package + ".")]
+
+
+def test_trainer_and_runtime_do_not_import_each_other():
+    assert importers_of(imports_of("trainer"), STEP_PACKAGES["runtime"]) == []
+    assert importers_of(imports_of("runtime"), STEP_PACKAGES["trainer"]) == []
+
+
+def test_shared_modules_import_no_step():
+    shared = {name: modules for name, modules in imports_of("llb_edge").items() if name not in TOP_LAYER}
+    assert "llb_edge/pool.py" in shared and "llb_edge/runs.py" in shared
+    assert [line for package in STEP_PACKAGES.values() for line in importers_of(shared, package)] == []
+    # The check sees what it should: the top layer does import the steps.
+    top = {name: imports_of("llb_edge")[name] for name in TOP_LAYER}
+    assert all(importers_of(top, package) for package in STEP_PACKAGES.values())

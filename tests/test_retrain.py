@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent / "runtime"))  # the daemon test ha
 from runtime_harness import Client, export_contract_model, make_bundle, running_daemon  # noqa: E402
 
 from llb_edge.data.images import read_image_rgb  # noqa: E402
+from llb_edge.pool import read_pool  # noqa: E402
+from llb_edge.retrain import GateConfig, evaluate_gate, judge, retrain  # noqa: E402
 from llb_edge.runtime.capture import CaptureOptions  # noqa: E402
-from llb_edge.runtime.pool import read_pool  # noqa: E402
 from llb_edge.runtime.versions import (  # noqa: E402
     VersionError,
     current_bundle,
@@ -37,7 +38,6 @@ from llb_edge.runtime.versions import (  # noqa: E402
     version_chain,
 )
 from llb_edge.trainer.label import LabelError, label_frames, read_labels  # noqa: E402
-from llb_edge.trainer.retrain import GateConfig, evaluate_gate, judge, retrain  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -373,7 +373,7 @@ def test_retrain_recipe_is_the_source_runs_config_with_typed_overrides(tmp_path:
     from types import SimpleNamespace
 
     from llb_edge.config import load_config, write_config
-    from llb_edge.trainer.retrain import retrain_config
+    from llb_edge.retrain import retrain_config
 
     source = tmp_path / "source-run"
     source.mkdir()

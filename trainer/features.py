@@ -77,7 +77,6 @@ class EncodedImages:
         cached: bool = True,
         batch_size: int = 16,
         storage_dtype: torch.dtype = torch.float32,
-        storage_device: torch.device | None = None,
         location: str | None = None,
         budget_gb: float | None = None,
         spill_dir: Path | None = None,
@@ -89,14 +88,14 @@ class EncodedImages:
         self.batch_size = batch_size
         self.fused: torch.Tensor | None = None
         self.groups: list[torch.Tensor] = []
-        # Without ``location`` the storage device is explicit (the original API); otherwise it is
+        # Without ``location`` the features are stored on ``device``; otherwise the storage is
         # resolved from the estimated size once the first batch shows the feature shapes.
         self.location = location
         self.budget_gb = budget_gb
         self.spill_dir = spill_dir
         self.storage_bytes = 0
         if cached:
-            self._fill_cache(storage_dtype, storage_device or device)
+            self._fill_cache(storage_dtype)
 
     @classmethod
     def from_config(
@@ -123,9 +122,10 @@ class EncodedImages:
         array = np.lib.format.open_memmap(self._spill_path / f"{name}.npy", mode="w+", dtype=np_dtype, shape=shape)
         return torch.from_numpy(array)
 
-    def _prepare_storage(self, first: EncoderFeatures, n: int, dtype: torch.dtype, storage: torch.device) -> None:
+    def _prepare_storage(self, first: EncoderFeatures, n: int, dtype: torch.dtype) -> None:
         per_image = first.fused[0].numel() + sum(g[0].numel() for g in first.groups)
         self.storage_bytes = n * per_image * torch.empty((), dtype=dtype).element_size()
+        storage = self.device
         if self.location is not None:
             self.location = choose_location(self.location, self.storage_bytes, self.budget_gb, self.device)
             storage = self.device if self.location == "device" else torch.device("cpu")
@@ -140,14 +140,14 @@ class EncodedImages:
         self.groups = [self._allocate((n, *g.shape[1:]), dtype, storage, f"group{i}")
                        for i, g in enumerate(first.groups)]
 
-    def _fill_cache(self, dtype: torch.dtype, storage: torch.device) -> None:
+    def _fill_cache(self, dtype: torch.dtype) -> None:
         n = len(self.images)
         order = np.arange(n)
         chunks = range(0, n, self.batch_size)
         for start in tqdm(chunks, desc="encoding features", unit="batch", leave=False, disable=len(chunks) < 4):
             features = self._encode(order[start : start + self.batch_size])
             if self.fused is None:
-                self._prepare_storage(features, n, dtype, storage)
+                self._prepare_storage(features, n, dtype)
             stop = start + features.fused.shape[0]
             self.fused[start:stop] = features.fused.to(self.fused.device, dtype)
             for cache, group in zip(self.groups, features.groups, strict=True):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llb_edge.bundle import operator_name, utc_now
 from llb_edge.errors import LLBEdgeError
-from llb_edge.runtime.pool import PoolFrame, read_pool
+from llb_edge.pool import PoolFrame, read_pool
 
 LABELS_NAME = "labels.jsonl"
 LABELS = ("OK", "NG")

@@ -46,6 +46,10 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
             f"run directory {run_dir} already holds a run; continue it with --resume, "
             "or choose another name with --name"
         )
+    if resume and (run_dir / runs.METADATA).exists() and not (run_dir / runs.CHECKPOINT).exists():
+        # A completed run deleted its checkpoint (the last step): resuming would train stage 2 afresh.
+        raise runs.RunError(f"run {run_dir} is complete: nothing to resume (`llb-edge eval {run_dir}` "
+                            "evaluates it again)")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, run_dir / runs.CONFIG)
     return run_dir
@@ -208,6 +212,13 @@ def run_training(cfg: RunConfig, resume: bool = False, evaluate_after: bool = Tr
     ))
     if evaluate_after and split.test:
         runs.write_json(run_dir / runs.METRICS, evaluate_model(cfg, final, split.test, device, run_dir))
+    # Complete: drop what only a resume needed (docs/runs.md). The checkpoint goes first, as its
+    # absence is what marks the run complete.
+    (run_dir / runs.CHECKPOINT).unlink(missing_ok=True)
+    if "1" in stages and not cfg.llb.keep_submodel_weights:
+        from llb_edge.trainer.llb import discard_submodel_weights
+
+        discard_submodel_weights(run_dir, cfg)
     return run_dir
 
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ class SubModel(ABC):
     """One stage-1 sub-model. ``directory`` holds its weights (and training checkpoint, log)."""
 
     kind = ""
+    WEIGHTS: ClassVar[str]  # the file in ``directory`` that :meth:`save` writes and :meth:`load` reads
 
     def __init__(self, ctx: Stage1Context, index: int, seed: int, directory: Path) -> None:
         self.ctx = ctx
@@ -168,7 +169,7 @@ class KnnSubModel(SubModel):
     """Training-free: a bounded memory bank of the subset's patch features, nearest-neighbour scoring."""
 
     kind = "knn"
-    BANK = "bank.safetensors"
+    WEIGHTS = "bank.safetensors"
 
     def __init__(self, ctx: Stage1Context, index: int, seed: int, directory: Path) -> None:
         super().__init__(ctx, index, seed, directory)
@@ -246,10 +247,10 @@ class KnnSubModel(SubModel):
 
     def save(self) -> None:
         save_file({"bank_image": torch.from_numpy(self.bank_image), "bank_patch": torch.from_numpy(self.bank_patch)},
-                  str(self.directory / self.BANK))
+                  str(self.directory / self.WEIGHTS))
 
     def load(self) -> None:
-        tensors = load_file(str(self.directory / self.BANK))
+        tensors = load_file(str(self.directory / self.WEIGHTS))
         self.bank_image = tensors["bank_image"].numpy()
         self.bank_patch = tensors["bank_patch"].numpy()
         self._build_bank()

@@ -13,10 +13,10 @@ import pytest
 from runtime_harness import Client, flat_frame, running_daemon, square_frame
 
 from llb_edge.data.images import read_image_rgb
+from llb_edge.pool import FRAMES_DIR, IMAGE_GLOB, read_pool
 from llb_edge.runtime import capture as capture_module
 from llb_edge.runtime.capture import CaptureOptions, FrameCapture, capture_probability, parse_camera_rates
 from llb_edge.runtime.health import MetricsRegistry, parse_prometheus_text
-from llb_edge.runtime.pool import FRAMES_DIR, IMAGE_GLOB, read_pool
 
 pytest_plugins = ["runtime_fixtures"]  # contract-test-model bundles
 pytestmark = pytest.mark.timeout(60)
@@ -81,7 +81,7 @@ def test_sampling_rates_per_camera_and_extra_ng_sampling(started) -> None:
     assert cap.metrics.saved.value(camera="cam-b", reason="ng") == 20
 
 
-def test_quota_evicts_oldest_first_also_across_restarts(tmp_path: Path, started) -> None:
+def test_quota_evicts_oldest_first_also_across_restarts(started) -> None:
     size = 64  # ~12 KiB of noise per PNG
     frame_bytes = len(capture_module.encode_png(noise(size, 0)))
     quota_mb = 3.5 * frame_bytes / 2**20  # room for 3 frames

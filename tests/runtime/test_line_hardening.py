@@ -115,7 +115,7 @@ def test_control_needs_an_operator_key_when_curve_is_on(bundle_dir: Path, keys: 
         assert json.loads(result.output)["threshold"] == 0.45
 
 
-def test_control_off_loopback_needs_curve(tmp_path: Path, keys: Keys) -> None:
+def test_control_off_loopback_needs_curve(keys: Keys) -> None:
     for endpoint in ("tcp://0.0.0.0:5557", "tcp://*:5557", "tcp://eth0:5557", "tcp://192.168.1.10:5557"):
         with pytest.raises(ValueError, match="reachable from other machines"):
             ServeOptions(control=endpoint).validate()
@@ -476,7 +476,7 @@ def test_a_bundle_without_a_score_range_takes_no_threshold_override(tmp_path: Pa
         assert daemon.status()["model"]["threshold"] == pytest.approx(0.1)
 
 
-def test_external_data_is_found_in_subgraphs_and_garbage_is_refused(tmp_path: Path) -> None:
+def test_external_data_is_found_in_subgraphs_and_garbage_is_refused() -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 

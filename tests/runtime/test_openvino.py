@@ -258,7 +258,7 @@ def test_openvino_serves_the_fp32_graph_of_a_bundle_without_variants(bundle_dir:
 
 
 @needs_openvino
-def test_daemon_serves_real_images_with_backend_openvino(ov_bundle: Path, tiny_run: Path) -> None:
+def test_daemon_serves_real_images_with_backend_openvino(ov_bundle: Path) -> None:
     bundle = load_bundle(ov_bundle)
     sources = bundle.manifest.extra["gate_images"]["sources"][:6]
     frames = [cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB) for path in sources]

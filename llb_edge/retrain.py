@@ -20,6 +20,9 @@ capture probability ``p``; NG rates and disagreement weigh each frame 1/p, which
 sampling of NG and near-threshold frames (otherwise a pool rich in NG frames would exaggerate
 every NG-rate difference).
 
+The cycle composes every step (trainer, exporters, and the runtime's backends and versions folder),
+so it sits beside the CLI as part of the top layer: trainer/ and runtime/ do not import each other.
+
 An interrupted cycle resumes (``resume_dir``) at the step where it stopped: the snapshot, the
 training run (itself resumable), the export and the comparison are each reused once complete, and
 the gate always decides afresh, so resuming a finished cycle re-judges it under the gate given now.
@@ -43,8 +46,8 @@ from llb_edge import metrics
 from llb_edge.bundle import Bundle, load_bundle, operator_name, utc_now
 from llb_edge.config import RunConfig, apply_overrides, load_config, validate
 from llb_edge.errors import LLBEdgeError
+from llb_edge.pool import PoolFrame, read_pool
 from llb_edge.runs import CONFIG, METADATA, read_json, read_metadata, read_run_config, read_split, write_json
-from llb_edge.runtime.pool import PoolFrame, read_pool
 from llb_edge.runtime.versions import VersionChange, list_versions, promote, resolve_bundle_dir
 from llb_edge.trainer.label import read_labels
 

@@ -7,7 +7,9 @@ Layout (docs/retrain.md)::
     <pool>/labels.jsonl        optional operator labels (llb-edge label, trainer/label.py)
 
 Written by runtime/capture.py: a frame file appears complete (hidden temp name, then a rename), and
-its manifest line is appended after it.
+its manifest line is appended after it. Read by trainer/label.py and llb_edge/retrain.py. An artifact
+contract between the runtime and the trainer side, like runs.py and bundle.py: it lives here so that
+neither side imports the other.
 """
 
 from __future__ import annotations
