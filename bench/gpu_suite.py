@@ -3,7 +3,7 @@
     python bench/gpu_suite.py [--out bench_out/gpu_suite] [--wheels bench_out/wheels] [--data DIR]
                               [--weights PATH] [--parts training,inference,serving,parity,metric,compile]
                               [--budget-s 450]
-    python bench/gpu_suite.py --quick   # CPU, tiny encoder, about a minute: proves the script runs
+    python bench/gpu_suite.py --quick   # CPU, tiny encoder, ~10 s of CPU: proves the script runs
     python bench/gpu_suite.py --prepare-carry   # here, before a device run: a small MTD copy to carry
 
 Parts (each reuses the benchmark that owns the measurement):
@@ -25,9 +25,10 @@ Parts (each reuses the benchmark that owns the measurement):
 - metric: the same short MTD training in fp32 and in bf16 (trainer pipeline), image AUROC/AP and
   pixel metrics of each and the difference.
 
-Each part is timed; a part that would end after ``--budget-s`` by its estimate is skipped and says
-so, so the call ends within the device's time. Results: ``OUT/gpu_suite.json`` and
-``OUT/gpu_suite.md`` (the table, also printed).
+Each part is timed (wall and CPU seconds; the call's totals too, with the one-time build of the
+serving bundle, cached for later calls, recorded apart); a part that would end after ``--budget-s``
+by its estimate is skipped and says so, so the call ends within the device's time. Results:
+``OUT/gpu_suite.json`` and ``OUT/gpu_suite.md`` (the table, also printed).
 
 A device may lack Python packages the suite needs (pyzmq for serving, always, on the project's GPU
 machine). Before importing anything else the suite checks them; missing ones are installed with
@@ -456,7 +457,7 @@ def markdown(record: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Tiny CPU settings (about a minute).")
+    parser.add_argument("--quick", action="store_true", help="Tiny CPU settings (about 10 s of CPU): every part runs.")
     parser.add_argument("--out", type=Path, default=BENCH_OUT / "gpu_suite", help="Folder for the JSON and table.")
     parser.add_argument("--wheels", type=Path, default=BENCH_OUT / "wheels",
                         help="Wheels to install missing packages from (pip --no-index).")

@@ -52,7 +52,8 @@ InspectionModel of ``--encoder`` at ``--size`` with the real DINOv2 weights from
 /work/shared/weights when present (``--weights auto``; ``random`` otherwise) and a randomly
 initialised decoder (latency does not depend on trained decoder weights), exported with the
 bundles' ONNX exporter (exporters/onnx_export.py) and described by a bundle.json (llb_edge.bundle).
-Building needs torch; serving from ``--bundle`` does not. ``--rebuild`` re-exports.
+Building needs torch; serving from ``--bundle`` does not. ``--rebuild`` re-exports. The JSON's
+``bundle_build`` says what building cost in this call (null when the bundle came from the cache).
 
 Post-processing depends on the threshold: a frame whose map crosses the pixel threshold gets the
 full-resolution region search (the map resized to the frame, then connected components), one
