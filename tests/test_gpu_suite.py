@@ -42,7 +42,7 @@ def test_quick_suite_writes_its_json_and_table(tmp_path: Path) -> None:
         result = record["parts"][part]
         assert "failed" not in result and "skipped" not in result, (part, result)
         assert f"| {part} |" in table
-        assert result["seconds"] > 0 and result["cpu_s"] >= 0, (part, result)
+        assert result["seconds"] >= 0 and result["cpu_s"] >= 0, (part, result)  # rounded: 0.0 on a fast machine
     assert set(record["one_time"]) <= {"serving bundle"}  # nothing else is left out of the time
     one_time_cpu_s = sum(cost["cpu_s"] for cost in record["one_time"].values())
     assert record["cpu_s_without_one_time"] == pytest.approx(record["cpu_s"] - one_time_cpu_s)
