@@ -181,9 +181,9 @@ def build_bundle(encoder: str, size: int, weights: str, precisions: list[str], o
     """
     import torch
 
-    from llb_edge.exporters.bundle_export import PARITY_IMAGES_FILE, onnx_file_name
+    from llb_edge.exporters.bundle_export import onnx_file_name
     from llb_edge.exporters.onnx_export import export_onnx
-    from llb_edge.exporters.parity import DEFAULT_PARITY_IMAGES
+    from llb_edge.exporters.parity import DEFAULT_PARITY_IMAGES, PARITY_IMAGES_FILE
     from llb_edge.models.dinomaly import AnomalyScorer, InspectionModel, create_dinomaly
     from llb_edge.runtime.torch_backend import (
         TORCH_WEIGHTS_FILE,
