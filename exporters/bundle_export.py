@@ -314,7 +314,7 @@ def choose_threshold(
         frr = dict(chosen.details)  # carries the target it was chosen for
     else:
         frr = estimate_frr(calibration, chosen.value, outlier_z=outlier_z).to_dict() if calibration is not None else {}
-    measured = labelled_rates(scores, labels, chosen.value) if scores is not None else None
+    measured = labelled_rates(scores, labels, chosen.value) if scores is not None and labels is not None else None
     return ThresholdDecision(chosen, {name: c.to_dict() for name, c in choices.items()}, frr, calibration, source,
                              outlier_z, measured)
 
@@ -333,8 +333,8 @@ def _manifest(
         source_run=str(run_dir.resolve()),
         encoder=metadata.encoder,
         weights_sha256=metadata.backbone.sha256 or "",
-        preprocessing=Preprocessing(resize=cfg.data.resize, crop=cfg.data.crop, mean=tuple(IMAGENET_MEAN),
-                                    std=tuple(IMAGENET_STD)),
+        preprocessing=Preprocessing(resize=cfg.data.resize, crop=cfg.data.crop, mean=IMAGENET_MEAN,
+                                    std=IMAGENET_STD),
         map_size=map_size,
         outputs={MAP_OUTPUT: ["batch", 1, map_size, map_size], SCORE_OUTPUT: ["batch"], MAX_OUTPUT: ["batch"]},
         score_stats=stats,

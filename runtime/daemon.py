@@ -690,6 +690,7 @@ class Daemon:
                     result, frame.image, inspected.anomaly_map, model.geometry, model.threshold, frame.received
                 )
         if self.capture is not None and result.error is None:
+            assert result.score is not None  # a result without an error has a score
             # offer() is O(1) and never blocks; the frame is not modified after inference.
             self.capture.offer(
                 frame.image,
@@ -914,6 +915,7 @@ class Daemon:
                 )
             if refusal is not None:
                 return {"ok": False, "error": refusal, "threshold": current.threshold}
+            assert score_range is not None  # refused above otherwise
             self._set_model(dataclasses.replace(current, threshold=float(value), threshold_override=True))
         log_event(logger, logging.INFO, "threshold_override", old=current.threshold, new=float(value))
         return {"ok": True, "threshold": float(value), "previous": current.threshold, "range": list(score_range)}
