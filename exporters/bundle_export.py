@@ -57,6 +57,7 @@ from llb_edge.bundle import (
     Threshold,
     hash_model_file,
     load_bundle,
+    save_and_reload,
     sha256_file,
     utc_now,
     write_manifest,
@@ -544,8 +545,7 @@ def add_tensorrt_engine(
                                  precision, profile, cache_dir, workspace_bytes, strongly_typed)
     key, spec = _engine_file(build, bundle.root)
     bundle.manifest.files[key] = spec
-    write_manifest(bundle.root, bundle.manifest)
-    return load_bundle(bundle.root)
+    return save_and_reload(bundle)
 
 
 __all__ = [

@@ -350,6 +350,13 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     return Bundle(root=root, manifest=manifest)
 
 
+def save_and_reload(bundle: Bundle) -> Bundle:
+    """Write ``bundle``'s changed manifest and load the bundle again, every file hash verified: what a
+    caller holds afterwards is what is on disk."""
+    write_manifest(bundle.root, bundle.manifest)
+    return load_bundle(bundle.root)
+
+
 def _verify_model_file(root: Path, name: str, spec: ModelFile, stage: Path | None = None) -> None:
     _, external = _model_file_hashes(root, spec.path, spec.format, stage, expected_sha256=spec.sha256)
     unlisted = sorted(set(external) - set(spec.external_data))
