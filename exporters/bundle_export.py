@@ -57,6 +57,7 @@ from llb_edge.bundle import (
     Threshold,
     hash_model_file,
     load_bundle,
+    save_and_reload,
     sha256_file,
     utc_now,
     write_manifest,
@@ -314,7 +315,7 @@ def choose_threshold(
         frr = dict(chosen.details)  # carries the target it was chosen for
     else:
         frr = estimate_frr(calibration, chosen.value, outlier_z=outlier_z).to_dict() if calibration is not None else {}
-    measured = labelled_rates(scores, labels, chosen.value) if scores is not None else None
+    measured = labelled_rates(scores, labels, chosen.value) if scores is not None and labels is not None else None
     return ThresholdDecision(chosen, {name: c.to_dict() for name, c in choices.items()}, frr, calibration, source,
                              outlier_z, measured)
 
@@ -333,8 +334,8 @@ def _manifest(
         source_run=str(run_dir.resolve()),
         encoder=metadata.encoder,
         weights_sha256=metadata.backbone.sha256 or "",
-        preprocessing=Preprocessing(resize=cfg.data.resize, crop=cfg.data.crop, mean=tuple(IMAGENET_MEAN),
-                                    std=tuple(IMAGENET_STD)),
+        preprocessing=Preprocessing(resize=cfg.data.resize, crop=cfg.data.crop, mean=IMAGENET_MEAN,
+                                    std=IMAGENET_STD),
         map_size=map_size,
         outputs={MAP_OUTPUT: ["batch", 1, map_size, map_size], SCORE_OUTPUT: ["batch"], MAX_OUTPUT: ["batch"]},
         score_stats=stats,
@@ -544,8 +545,7 @@ def add_tensorrt_engine(
                                  precision, profile, cache_dir, workspace_bytes, strongly_typed)
     key, spec = _engine_file(build, bundle.root)
     bundle.manifest.files[key] = spec
-    write_manifest(bundle.root, bundle.manifest)
-    return load_bundle(bundle.root)
+    return save_and_reload(bundle)
 
 
 __all__ = [

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from llb_edge.bundle import Bundle, BundleError, ModelFile, load_bundle, sha256_file, utc_now, write_manifest
+from llb_edge.bundle import Bundle, BundleError, ModelFile, load_bundle, save_and_reload, sha256_file, utc_now
 from llb_edge.errors import LLBEdgeError
 from llb_edge.exporters import parity
 from llb_edge.exporters.tensorrt import default_cache_dir
@@ -236,8 +236,7 @@ def record_variants(bundle: Bundle, builds: list[VariantBuild]) -> Bundle:
             precision=build.precision, target=build.target(), parity=build.report.to_dict(),
         )
     bundle.manifest.extra[REJECTED_KEY] = rejections
-    write_manifest(bundle.root, bundle.manifest)
-    return load_bundle(bundle.root)
+    return save_and_reload(bundle)
 
 
 __all__ = [

@@ -241,7 +241,7 @@ def run_torch(model: nn.Module, images: np.ndarray, batch_size: int = 8) -> Outp
     @torch.no_grad()
     def run(batch: np.ndarray) -> Outputs:
         outputs = model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
-        return tuple(o.float().cpu().numpy() for o in outputs)  # type: ignore[return-value]
+        return tuple(o.float().cpu().numpy() for o in outputs)
 
     return _batched(run, images, batch_size)
 

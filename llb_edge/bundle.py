@@ -23,7 +23,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from llb_edge.errors import LLBEdgeError
 from llb_edge.onnx_external import OnnxFormatError, external_data_locations
@@ -60,7 +60,7 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def is_finite_number(value: object) -> bool:
+def is_finite_number(value: object) -> TypeGuard[int | float]:
     """A JSON number that is a real, finite value (not a bool, a string, null, NaN or infinity)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -287,9 +287,9 @@ def manifest_problems(manifest: BundleManifest) -> list[str]:
     if not isinstance(manifest.extra, dict) or not isinstance(manifest.score_stats, dict):
         problems.append("extra and score_stats must be JSON objects")
         return problems
-    value = manifest.threshold.value
-    if not is_finite_number(value):
-        problems.append(f"threshold.value must be a finite number, got {value!r}")
+    threshold = manifest.threshold.value
+    if not is_finite_number(threshold):
+        problems.append(f"threshold.value must be a finite number, got {threshold!r}")
     score_range = manifest.extra.get(SCORE_RANGE_KEY)
     if score_range is not None:
         valid = (
@@ -300,8 +300,8 @@ def manifest_problems(manifest: BundleManifest) -> list[str]:
         )
         if not valid:
             problems.append(f"extra.{SCORE_RANGE_KEY} must be [lo, hi] with finite lo < hi, got {score_range!r}")
-        elif is_finite_number(value) and not score_range[0] <= value <= score_range[1]:
-            problems.append(f"threshold.value {value} is outside extra.{SCORE_RANGE_KEY} {score_range}")
+        elif is_finite_number(threshold) and not score_range[0] <= threshold <= score_range[1]:
+            problems.append(f"threshold.value {threshold} is outside extra.{SCORE_RANGE_KEY} {score_range}")
     if not manifest.files:
         problems.append("files lists no model file")
     for name, spec in manifest.files.items():
@@ -348,6 +348,13 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         for name, spec in manifest.files.items():
             _verify_model_file(root, name, spec)
     return Bundle(root=root, manifest=manifest)
+
+
+def save_and_reload(bundle: Bundle) -> Bundle:
+    """Write ``bundle``'s changed manifest and load the bundle again, every file hash verified: what a
+    caller holds afterwards is what is on disk."""
+    write_manifest(bundle.root, bundle.manifest)
+    return load_bundle(bundle.root)
 
 
 def _verify_model_file(root: Path, name: str, spec: ModelFile, stage: Path | None = None) -> None:

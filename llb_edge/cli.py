@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -43,7 +42,7 @@ SetOption = Annotated[
 ]
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -339,7 +338,7 @@ def ctl(
     if (curve_secret is None) != (curve_server is None):
         fail("give both --curve-secret and --curve-server, or neither")
     keys = None if curve_secret is None or curve_server is None else ControlKeys(curve_secret, curve_server)
-    args: dict[str, object] = {}
+    args: dict[str, Any] = {}
     if value is not None:
         if command == "reload":
             args = {"path": value}
@@ -697,7 +696,8 @@ def retrain(
     from llb_edge.retrain import GateConfig
     from llb_edge.retrain import retrain as run_retrain
 
-    if current is None and versions is None:
+    compared = current or versions
+    if compared is None:
         fail("give --current BUNDLE_DIR or --versions ROOT (its current version is compared)")
     if pool is None and resume is None:
         fail("give --pool POOL_DIR (or --resume WORK_DIR to continue a cycle)")
@@ -706,7 +706,7 @@ def retrain(
             "max_ng_rate_change": max_ng_rate_change, "max_disagreement": max_disagreement,
             "max_labeled_drop": max_labeled_drop, "min_holdout": min_holdout}), "command line", text=True)
         decision = run_retrain(
-            pool, current or versions, out, config=config, overrides=overrides or (), gate=gate,
+            pool, compared, out, config=config, overrides=overrides or (), gate=gate,
             holdout_fraction=holdout, seed=seed, versions_root=versions, notify_endpoints=notify or (),
             promote_if_passed=not no_promote, precisions=tuple(precision or ("fp32", "fp16")), backend=backend,
             resume_dir=resume,
@@ -799,4 +799,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

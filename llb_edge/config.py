@@ -418,7 +418,8 @@ def validate(config: RunConfig) -> None:
            "llb.stages must be '1,2' or '2'")
     _check(llb.k >= 1, "llb.k must be >= 1")
     _check(llb.concurrent_submodels >= 0, "llb.concurrent_submodels must be >= 0")
-    _check(llb.keep == "auto" or 0.0 < llb.keep_fraction <= 1.0, "llb.keep must be auto or a fraction in (0, 1]")
+    _check((fraction := llb.keep_fraction) is None or 0.0 < fraction <= 1.0,
+           "llb.keep must be auto or a fraction in (0, 1]")
     _check(llb.outlier_z > 0, "llb.outlier_z must be > 0")
     _check(llb.above_cut in ("mask", "drop"), "llb.above_cut must be mask or drop")
     _check(llb.submodel in ("dinomaly", "knn"), "llb.submodel must be dinomaly or knn")

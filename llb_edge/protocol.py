@@ -27,7 +27,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -135,7 +135,7 @@ def _dumps(values: dict[str, Any]) -> bytes:
     return json.dumps(values, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     """A finite JSON number (bools are ints in Python, and ints can be too big for a float)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
@@ -577,14 +577,14 @@ def encode_map(
     """Quantise an M x M map for the wire: uint8 scaled to its own min..max, or float16."""
     if encoding not in MAP_ENCODINGS:
         raise ValueError(f"map encoding must be one of {', '.join(MAP_ENCODINGS)}, got {encoding!r}")
-    values = np.asarray(anomaly_map, dtype=np.float32).reshape(anomaly_map.shape[-2:])
+    shape = (int(anomaly_map.shape[-2]), int(anomaly_map.shape[-1]))
+    values = np.asarray(anomaly_map, dtype=np.float32).reshape(shape)
     lo, hi = float(values.min()), float(values.max())
     if encoding == "float16":
         payload = values.astype("<f2").tobytes()
     else:
         span = hi - lo if hi > lo else 1.0
         payload = np.clip(np.rint((values - lo) / span * 255.0), 0, 255).astype(np.uint8).tobytes()
-    shape = (int(values.shape[0]), int(values.shape[1]))
     return MapInfo(encoding=encoding, shape=shape, value_range=(lo, hi), crop_box=crop_box), payload
 
 

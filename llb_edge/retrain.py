@@ -499,6 +499,7 @@ def judge(
     extra = {"gate": asdict(gate), "decided_at": utc_now(), "earlier_decisions": history}
     write_json(decision.decision_path, decision.to_dict() | extra | {"promoted": "pending" if will_promote else False})
     if will_promote:
+        assert versions_root is not None  # will_promote requires it
         t0 = time.perf_counter()
         reason = f"retrain {work.name}: gate passed (" + "; ".join(c.detail for c in checks) + ")"
         decision.promotion = promote(versions_root, decision.candidate_dir, report_dir, notify_endpoints,

@@ -215,9 +215,9 @@ class RunSplit:
         version = values.get("schema_version")
         _newer_than_known(source, version, SPLIT_VERSION)
         try:
-            sides = {side: [sample_from_dict(record) for record in values[side]]
-                     for side in ("train", "test", "calibration")}
-            return cls(dataset=str(values["dataset"]), **sides)
+            train, test, calibration = ([sample_from_dict(record) for record in values[side]]
+                                        for side in ("train", "test", "calibration"))
+            return cls(dataset=str(values["dataset"]), train=train, test=test, calibration=calibration)
         except (KeyError, TypeError, ValueError) as err:
             raise RunError(f"{source} is not a run split record: {err}") from err
 

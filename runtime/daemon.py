@@ -48,11 +48,11 @@ import signal
 import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zmq
@@ -110,6 +110,7 @@ REBIND_WAIT_S = 2.0  # how long the publisher waits for the results port to be f
 SEQUENCE_CAMERAS = 4096  # cameras whose result seq is remembered (least recently published forgotten)
 
 logger = get_logger("daemon")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,21 @@ class ResultSequences:
         if len(self._last) > self._limit:
             self._last.popitem(last=False)
         return seq
+
+
+def _received(receive: Callable[[], T], stop: threading.Event, error_event: str) -> Iterator[T]:
+    """Messages from a socket until ``stop`` is set. ``receive`` times out (zmq.Again) every POLL_MS so
+    ``stop`` is seen; a socket error is logged as ``error_event`` and retried after a poll interval."""
+    while not stop.is_set():
+        try:
+            message = receive()
+        except zmq.Again:
+            continue
+        except zmq.ZMQError as err:
+            log_event(logger, logging.ERROR, error_event, error=str(err))
+            time.sleep(POLL_MS / 1000)
+            continue
+        yield message
 
 
 class Daemon:
@@ -485,15 +501,7 @@ class Daemon:
     # ------------------------------------------------------------------------------- intake
 
     def _intake_loop(self, sock: zmq.Socket) -> None:
-        while not self._stop_intake.is_set():
-            try:
-                parts = sock.recv_multipart(copy=False)
-            except zmq.Again:
-                continue
-            except zmq.ZMQError as err:
-                log_event(logger, logging.ERROR, "intake_socket_error", error=str(err))
-                time.sleep(POLL_MS / 1000)
-                continue
+        for parts in _received(lambda: sock.recv_multipart(copy=False), self._stop_intake, "intake_socket_error"):
             if self._authorised(parts[0], ZAP_DOMAIN, "intake"):
                 self._accept(parts)
         # Frames that already reached the socket count as in flight: answer them too.
@@ -690,6 +698,7 @@ class Daemon:
                     result, frame.image, inspected.anomaly_map, model.geometry, model.threshold, frame.received
                 )
         if self.capture is not None and result.error is None:
+            assert result.score is not None  # a result without an error has a score
             # offer() is O(1) and never blocks; the frame is not modified after inference.
             self.capture.offer(
                 frame.image,
@@ -914,6 +923,7 @@ class Daemon:
                 )
             if refusal is not None:
                 return {"ok": False, "error": refusal, "threshold": current.threshold}
+            assert score_range is not None  # refused above otherwise
             self._set_model(dataclasses.replace(current, threshold=float(value), threshold_override=True))
         log_event(logger, logging.INFO, "threshold_override", old=current.threshold, new=float(value))
         return {"ok": True, "threshold": float(value), "previous": current.threshold, "range": list(score_range)}
@@ -921,15 +931,7 @@ class Daemon:
     # ------------------------------------------------------------------------------ control
 
     def _control_loop(self, sock: zmq.Socket) -> None:
-        while not self._stop_control.is_set():
-            try:
-                frame = sock.recv(copy=False)
-            except zmq.Again:
-                continue
-            except zmq.ZMQError as err:
-                log_event(logger, logging.ERROR, "control_socket_error", error=str(err))
-                time.sleep(POLL_MS / 1000)
-                continue
+        for frame in _received(lambda: sock.recv(copy=False), self._stop_control, "control_socket_error"):
             try:
                 if not self._authorised(frame, CONTROL_ZAP_DOMAIN, "control"):
                     # REP must answer every request; a revoked operator learns nothing else.

@@ -299,7 +299,9 @@ class HealthServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self._server.server_address[0]}:{self.port}"
+        host = self._server.server_address[0]
+        assert isinstance(host, str)  # bytes only for AF_UNIX sockets; this server is TCP
+        return f"http://{host}:{self.port}"
 
     def start(self) -> None:
         self._thread.start()

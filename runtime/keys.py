@@ -24,6 +24,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import zmq
 import zmq.auth
@@ -93,7 +94,8 @@ def load_public_keys(folder: str | Path) -> frozenset[str]:
 def message_user_id(frame: zmq.Frame) -> str | None:
     """The CURVE public key (z85) a received message was authenticated with; None on a plain socket."""
     try:
-        return frame.get("User-Id")
+        # A named metadata property is a str (only numeric socket options read back as int).
+        return cast(str, frame.get("User-Id"))
     except zmq.ZMQError:
         return None
 

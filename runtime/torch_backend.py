@@ -42,8 +42,8 @@ from llb_edge.bundle import (
     ModelFile,
     confined_path,
     load_bundle,
+    save_and_reload,
     sha256_file,
-    write_manifest,
 )
 from llb_edge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from llb_edge.runtime.backends import DEFAULT_MAX_BATCH, Backend, BackendError, BackendOutputs
@@ -140,8 +140,7 @@ def add_torch_weights(bundle_dir: str | Path, weights: str | None = None) -> Bun
     path = save_inspection_weights(model, bundle.root / TORCH_WEIGHTS_FILE, bundle.manifest.encoder)
     bundle.manifest.files[TORCH_WEIGHTS_KEY] = ModelFile(path=TORCH_WEIGHTS_FILE, sha256=sha256_file(path),
                                                         format=TORCH_WEIGHTS_FORMAT, precision="fp32")
-    write_manifest(bundle.root, bundle.manifest)
-    return load_bundle(bundle.root)
+    return save_and_reload(bundle)
 
 
 def _model_from_run(bundle: Bundle, weights: str | None = None) -> InspectionModel:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: installs what it needs into .venv, lints, runs the whole suite on CPU.
+# The test command: installs what it needs into .venv, lints, type-checks, runs the whole suite on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh
@@ -10,6 +10,8 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" -
     || echo "could not install chromium: the operator page's browser test will skip" >&2
 fi
 .venv/bin/ruff check .
+# mypy over the package (settings and the baseline that may only shrink: pyproject.toml [tool.mypy]).
+.venv/bin/python scripts/typecheck.py
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

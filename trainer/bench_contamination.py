@@ -37,6 +37,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -391,7 +392,7 @@ def run_contamination_bench(
     ks: list[int] | tuple[int, ...] = DEFAULT_KS,
     out_dir: Path = Path("bench_out/contamination"),
     variants: list[str] | tuple[str, ...] = ("none", "default", "fixed"),
-    ablation_alphas: list[float] | None = None,
+    ablation_alphas: Sequence[float] | None = None,
     ablation_submodel: str = "dinomaly",
     seeds: list[int] | tuple[int, ...] | None = None,
 ) -> Path:

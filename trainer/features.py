@@ -122,7 +122,7 @@ class EncodedImages:
         array = np.lib.format.open_memmap(self._spill_path / f"{name}.npy", mode="w+", dtype=np_dtype, shape=shape)
         return torch.from_numpy(array)
 
-    def _prepare_storage(self, first: EncoderFeatures, n: int, dtype: torch.dtype) -> None:
+    def _prepare_storage(self, first: EncoderFeatures, n: int, dtype: torch.dtype) -> torch.Tensor:
         per_image = first.fused[0].numel() + sum(g[0].numel() for g in first.groups)
         self.storage_bytes = n * per_image * torch.empty((), dtype=dtype).element_size()
         storage = self.device
@@ -136,9 +136,10 @@ class EncodedImages:
                 self._spill_path = Path(tempfile.mkdtemp(prefix="feature_cache_", dir=parent))
                 # The spill file can be many GB: remove it with the object (or at interpreter exit).
                 weakref.finalize(self, shutil.rmtree, str(self._spill_path), True)
-        self.fused = self._allocate((n, *first.fused.shape[1:]), dtype, storage, "fused")
+        self.fused = fused = self._allocate((n, *first.fused.shape[1:]), dtype, storage, "fused")
         self.groups = [self._allocate((n, *g.shape[1:]), dtype, storage, f"group{i}")
                        for i, g in enumerate(first.groups)]
+        return fused
 
     def _fill_cache(self, dtype: torch.dtype) -> None:
         n = len(self.images)
@@ -146,16 +147,16 @@ class EncodedImages:
         chunks = range(0, n, self.batch_size)
         for start in tqdm(chunks, desc="encoding features", unit="batch", leave=False, disable=len(chunks) < 4):
             features = self._encode(order[start : start + self.batch_size])
-            if self.fused is None:
-                self._prepare_storage(features, n, dtype)
+            fused = self.fused if self.fused is not None else self._prepare_storage(features, n, dtype)
             stop = start + features.fused.shape[0]
-            self.fused[start:stop] = features.fused.to(self.fused.device, dtype)
+            fused[start:stop] = features.fused.to(fused.device, dtype)
             for cache, group in zip(self.groups, features.groups, strict=True):
                 cache[start:stop] = group.to(cache.device, dtype)
 
     def batch(self, indices: np.ndarray) -> EncoderFeatures:
         if not self.cached:
             return self._encode(indices)
+        assert self.fused is not None  # filled by __init__ when cached
         index = torch.as_tensor(indices, dtype=torch.long, device=self.fused.device)
         return EncoderFeatures(
             fused=self.fused[index].to(self.device, torch.float32),

@@ -54,6 +54,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -279,15 +280,19 @@ def screen(
         if workers > 1:
             # Seeded init uses the global RNG, so every sub-model is built here, before any thread.
             built = {j: build(j) for j in pending}
-            jobs = [lambda j=j: fit_and_score(built[j], subsets[j], paths, resume) for j in pending]
+            jobs = [partial(fit_and_score, built[j], subsets[j], paths, resume) for j in pending]
             run_on_streams(jobs, workers, features.device)
         else:
             for j in pending:
                 fit_and_score(build(j), subsets[j], paths, resume)
 
+        def own_scores(j: int) -> dict[str, float]:
+            scores = read_finished(stage_dir, j, paths, llb.submodel)
+            assert scores is not None, f"sub-model {j} was reused or fitted above"
+            return scores
+
         per_model = [
-            read_finished(stage_dir, j, paths, llb.submodel) if j in mine
-            else wait_for_scores(stage_dir, j, paths, llb.submodel)
+            own_scores(j) if j in mine else wait_for_scores(stage_dir, j, paths, llb.submodel)
             for j in range(llb.k)
         ]
         table = ScreeningTable(
@@ -357,13 +362,14 @@ def mean_over_submodels(
 ) -> np.ndarray:
     """The mean over the fitted sub-models of their ``anomaly_maps`` or ``patch_scores`` at ``positions``:
     the consensus at pixel or patch level, as the consensus score is the mean of theirs."""
-    total = None
+    total: np.ndarray | None = None
     for j, seed in enumerate(seeds):
         sub = create_submodel(ctx, j, seed, submodel_dir(stage_dir, j))
         sub.load()
         one = getattr(sub, what)(positions)
         total = one if total is None else total + one
         del sub
+    assert total is not None, "no sub-models to average"
     return total / len(seeds)
 
 

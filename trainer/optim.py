@@ -39,7 +39,8 @@ class StableAdamW(torch.optim.Optimizer):
         return torch.sqrt(torch.mean(grad.pow(2) / torch.clamp(v_hat, min=eps * eps)))
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # noqa: ARG002 - torch's signature
+    # Narrower than torch's step(closure): the training loop never passes a closure.
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # noqa: ARG002
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for param in group["params"]:

@@ -39,7 +39,7 @@ def plot_histogram(
     fig = Figure(figsize=(7, 3.6), dpi=110)
     ax = fig.add_subplot()
     values = np.asarray([consensus[s.path] for s in samples])
-    bins = np.histogram_bin_edges(values, bins=min(60, max(10, len(values) // 4)))
+    bins = np.histogram_bin_edges(values, bins=min(60, max(10, len(values) // 4))).tolist()
     if labelled:
         labels = np.asarray([s.label for s in samples])
         ax.hist([values[labels == 0], values[labels == 1]], bins=bins, stacked=True,

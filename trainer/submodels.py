@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,7 +299,7 @@ def concurrent_workers(ctx: Stage1Context, pending: int) -> int:
     return max(1, min(pending, fit if requested == 0 else min(requested, fit)))
 
 
-def run_on_streams(jobs: list[Callable[[], T]], workers: int, device: torch.device) -> list[T]:
+def run_on_streams(jobs: Sequence[Callable[[], T]], workers: int, device: torch.device) -> list[T]:
     """Run ``jobs`` in order, or ``workers`` at a time, each thread on its own CUDA stream.
 
     GPU path, untested in CI (written against torch.cuda's documented API): the current stream and

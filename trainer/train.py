@@ -32,7 +32,7 @@ def batch_indices(iteration: int, count: int, batch_size: int, seed: int) -> np.
     Stateless, so a resumed run draws exactly the batches the uninterrupted run would have.
     """
     start = iteration * batch_size
-    positions = []
+    positions: list[int] = []
     while len(positions) < batch_size:
         epoch, offset = divmod(start + len(positions), count)
         permutation = np.random.default_rng([seed, epoch]).permutation(count)

@@ -127,7 +127,7 @@ def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
     return _to_rgb_uint8(_decode(_read_bytes(path), name), name)
 
 
-def decode_image_bytes(data: bytes, name: str = "<image bytes>") -> np.ndarray:
+def decode_image_bytes(data: bytes | memoryview, name: str = "<image bytes>") -> np.ndarray:
     """Decode an encoded image payload (JPEG/PNG/...) exactly like :func:`read_image_rgb`.
 
     The runtime receives frames as bytes; using the same decode keeps line scores equal to the
@@ -154,7 +154,7 @@ def read_mask(path: str | os.PathLike | None, height: int, width: int) -> np.nda
             mask = mask[:, :, :3]
         mask = mask.max(axis=2)
     half = 127 if mask.dtype == np.uint8 else (32767 if mask.dtype == np.uint16 else 0.5)
-    binary = (mask > half).astype(np.uint8)
+    binary: np.ndarray = (mask > half).astype(np.uint8)
     if binary.shape != (height, width):
         binary = cv2.resize(binary, (width, height), interpolation=cv2.INTER_NEAREST)
     return binary.astype(bool)

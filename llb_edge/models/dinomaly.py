@@ -78,6 +78,10 @@ class DinoEncoder(nn.Module):
     wasted work for a fixed input size.
     """
 
+    # Declared for the type checker: nn.Module's attribute lookup alone types them Tensor | Module.
+    patch_proj: nn.Module
+    pos_embed: torch.Tensor
+
     def __init__(self, vit: nn.Module, input_size: int, tap_blocks: tuple[int, ...] = TAP_BLOCKS) -> None:
         super().__init__()
         patch = vit.patch_embed.patch_size[0]
@@ -296,6 +300,8 @@ class AnomalyScorer(nn.Module):
     groups; then bilinear to map_size, a normalised Gaussian (zero padding), and the image score
     as the mean of the top fraction of pixels via topk (TensorRT caps TopK K at 3840).
     """
+
+    kernel: torch.Tensor  # a buffer, declared for the type checker
 
     def __init__(
         self,

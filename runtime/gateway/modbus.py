@@ -35,11 +35,12 @@ from llb_edge.runtime.gateway.tags import (
     MODBUS_WRITTEN_REGISTERS,
     PLC_TAGS,
     REAL,
-    STATUS_BITS,
     TAG_BY_NAME,
     UDINT,
     Tag,
     TagType,
+    pack_status,
+    read_back_block,
 )
 
 # The registers only a PLC writes: every camera's Trigger and ResultsAck.
@@ -106,7 +107,7 @@ def encode_block(tags: Tags, word_order: str) -> list[int]:
     """The MODBUS_WRITTEN_REGISTERS registers of one camera's block."""
     values = tags.by_name()
     registers = [0] * MODBUS_WRITTEN_REGISTERS
-    registers[MODBUS_STATUS_REGISTER] = sum(1 << bit for bit, name in enumerate(STATUS_BITS) if values[name])
+    registers[MODBUS_STATUS_REGISTER] = pack_status(values)
     for tag in MODBUS_TAGS:
         if tag.writer == "gateway" and tag.register is not None:
             end = tag.register + tag.type.registers
@@ -125,13 +126,8 @@ def decode_block(registers: list[int], word_order: str) -> dict[str, Any]:
     """Tag values from a camera block read back (at least MODBUS_WRITTEN_REGISTERS registers; the whole
     block includes the PLC's Trigger/ResultsAck). For tools, demos and tests: the PLC does this in its
     own program."""
-    status = registers[MODBUS_STATUS_REGISTER]
-    values: dict[str, Any] = {name: bool(status >> bit & 1) for bit, name in enumerate(STATUS_BITS)}
-    for tag in MODBUS_TAGS:
-        value = _decode_tag(tag, registers, word_order)
-        if value is not None:
-            values[tag.name] = value
-    return values
+    return read_back_block(registers[MODBUS_STATUS_REGISTER], MODBUS_TAGS,
+                           lambda tag: _decode_tag(tag, registers, word_order))
 
 
 class _ModbusAdapter(Adapter):

@@ -27,11 +27,12 @@ from llb_edge.runtime.gateway.tags import (
     S7_STATUS_BYTE,
     S7_TAGS,
     S7_WRITTEN_BYTES,
-    STATUS_BITS,
     TAG_BY_NAME,
     UDINT,
     Tag,
     TagType,
+    pack_status,
+    read_back_block,
 )
 
 
@@ -66,7 +67,7 @@ def encode_s7_block(tags: Tags) -> bytearray:
     """The S7_WRITTEN_BYTES bytes of one camera's block."""
     values = tags.by_name()
     data = bytearray(S7_WRITTEN_BYTES)
-    data[S7_STATUS_BYTE] = sum(1 << bit for bit, name in enumerate(STATUS_BITS) if values[name])
+    data[S7_STATUS_BYTE] = pack_status(values)
     for tag in S7_TAGS:
         if tag.writer == "gateway" and tag.s7_byte is not None:
             data[tag.s7_byte : tag.s7_byte + tag.type.s7_bytes] = _encode(tag.type, values[tag.name])
@@ -75,13 +76,7 @@ def encode_s7_block(tags: Tags) -> bytearray:
 
 def decode_s7_block(data: bytes) -> dict[str, Any]:
     """Tag values from a camera's block read back (for tools and tests; the PLC reads its DB)."""
-    status = data[S7_STATUS_BYTE]
-    values: dict[str, Any] = {name: bool(status >> bit & 1) for bit, name in enumerate(STATUS_BITS)}
-    for tag in S7_TAGS:
-        value = _decode_tag(tag, data)
-        if value is not None:
-            values[tag.name] = value
-    return values
+    return read_back_block(data[S7_STATUS_BYTE], S7_TAGS, lambda tag: _decode_tag(tag, data))
 
 
 class S7Adapter(Adapter):

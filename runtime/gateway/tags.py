@@ -16,8 +16,9 @@ request, so a PLC never sees a new ResultValid beside old data; the PLC writes T
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from llb_edge.protocol import MAX_FRAME_ID_CHARS
 
@@ -110,6 +111,22 @@ STATUS_BITS = tuple(tag.name for tag in sorted((t for t in TAGS if t.status_bit 
 # Tags placed by position (the BOOL tags are placed by their status bit instead).
 MODBUS_TAGS = tuple(tag for tag in TAGS if tag.register is not None)
 S7_TAGS = tuple(tag for tag in TAGS if tag.s7_byte is not None)
+
+
+def pack_status(values: Mapping[str, Any]) -> int:
+    """The status register / byte of a block: bit n set when tag STATUS_BITS[n] is true in ``values``."""
+    return sum(1 << bit for bit, name in enumerate(STATUS_BITS) if values[name])
+
+
+def read_back_block(status: int, placed: Iterable[Tag], decode: Callable[[Tag], Any]) -> dict[str, Any]:
+    """Tag values of a block read back: the status bits, then each of ``placed`` that ``decode`` finds
+    (None: the data read ends before the tag). For tools, demos and tests; a PLC reads its own block."""
+    values: dict[str, Any] = {name: bool(status >> bit & 1) for bit, name in enumerate(STATUS_BITS)}
+    for tag in placed:
+        value = decode(tag)
+        if value is not None:
+            values[tag.name] = value
+    return values
 
 
 def opcua_node_name(camera_id: str, tag: str) -> str:
