@@ -50,7 +50,7 @@ from llb_edge.calibration import threshold_for_target
 from llb_edge.config import RunConfig, load_config
 from llb_edge.data.images import read_image_rgb
 from llb_edge.data.transforms import Geometry
-from llb_edge.exporters.bundle_export import export_bundle
+from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
 from llb_edge.exporters.parity import onnxruntime_runner
 from llb_edge.exporters.threshold import METHOD_QUANTILE, labelled_rates
 from llb_edge.trainer.llb import TABLE as STAGE1_TABLE
@@ -106,8 +106,8 @@ def one_run(cfg: RunConfig, target_frr: float, bundle_dir: Path) -> dict[str, An
     started = time.perf_counter()
     run_dir = run_training(cfg)
     train_s = time.perf_counter() - started
-    bundle = export_bundle(run_dir, bundle_dir, precisions=("fp32",), target_frr=target_frr, validation="test",
-                           overwrite=True)
+    bundle = export_bundle(run_dir, bundle_dir, ExportOptions(precisions=("fp32",), target_frr=target_frr,
+                                                              validation="test", overwrite=True))
     manifest = bundle.manifest
     threshold, frr = manifest.threshold.value, manifest.threshold.frr
     measured = manifest.extra[VALIDATION_KEY]

@@ -26,8 +26,8 @@ import torch
 
 from llb_edge.config import load_config, write_config
 from llb_edge.data.images import read_image_rgb
-from llb_edge.exporters.bundle_export import export_bundle
-from llb_edge.retrain import GateConfig, retrain
+from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
+from llb_edge.retrain import GateConfig, RetrainOptions, retrain
 from llb_edge.runtime.capture import CaptureOptions, FrameCapture
 from llb_edge.trainer.pipeline import run_training
 
@@ -96,16 +96,17 @@ def main() -> None:
                                          "data.dataset=mtd", "data.max_train=64", "data.max_test=16",
                                          "train.iterations=1", "llb.stages=2"])
         current_run = run_training(base, evaluate_after=False)
-        current = export_bundle(current_run, work / "current-bundle", precisions=precisions, model_version="current")
+        current = export_bundle(current_run, work / "current-bundle",
+                                ExportOptions(precisions=precisions, model_version="current"))
 
         # Exactly this recipe: without a config, retrain would inherit the one-iteration current run's.
         cfg = load_config(args.config, overrides)
         write_config(cfg, work / "cycle-config.json")
         gate = GateConfig(max_ng_rate_change=1.0, max_disagreement=1.0, max_labeled_drop=1.0, min_holdout=0)
         started = time.perf_counter()
-        decision = retrain(work / "pool", current.root, work / "cycles", config=work / "cycle-config.json",
-                           gate=gate, promote_if_passed=False, precisions=precisions, backend=backend,
-                           threads=args.threads)
+        decision = retrain(work / "pool", current.root, work / "cycles", RetrainOptions(
+            config=work / "cycle-config.json", gate=gate, promote_if_passed=False, precisions=precisions,
+            backend=backend, threads=args.threads))
         wall = time.perf_counter() - started
         comp = json.loads((decision.report_dir / "comparison.json").read_text())
     finally:

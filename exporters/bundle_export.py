@@ -44,6 +44,7 @@ from llb_edge.bundle import (
     MANIFEST_NAME,
     MAP_OUTPUT,
     MAX_OUTPUT,
+    ONNX_PRECISIONS,
     SCORE_OUTPUT,
     SCORE_RANGE_KEY,
     THRESHOLD_CANDIDATES_KEY,
@@ -62,14 +63,15 @@ from llb_edge.bundle import (
     utc_now,
     write_manifest,
 )
-from llb_edge.calibration import BUNDLE_CALIBRATION_KEY, DEFAULT_CONFIDENCE, DEFAULT_TARGET_FRR, estimate_frr
+from llb_edge.calibration import BUNDLE_CALIBRATION_KEY, DEFAULT_CONFIDENCE, estimate_frr
 from llb_edge.config import RunConfig
 from llb_edge.data.samples import ANOMALOUS, NORMAL, Sample, load_sample_list
 from llb_edge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Geometry
 from llb_edge.exporters import parity
+from llb_edge.exporters.export_options import ExportOptions
 from llb_edge.exporters.lint import LintError, check_model
-from llb_edge.exporters.onnx_export import PRECISIONS, ExportError, export_onnx
-from llb_edge.exporters.openvino import DEFAULT_CALIBRATION_IMAGES, DEFAULT_GATE_IMAGES, add_openvino_variants
+from llb_edge.exporters.onnx_export import ExportError, export_onnx
+from llb_edge.exporters.openvino import add_openvino_variants
 from llb_edge.exporters.parity import ParityError, bundle_parity_images
 from llb_edge.exporters.tensorrt import (
     DEFAULT_WORKSPACE_BYTES,
@@ -96,7 +98,6 @@ from llb_edge.exporters.threshold import (
 )
 from llb_edge.models.dinomaly import SCORE_RANGE
 from llb_edge.runs import MODEL, TRAIN_LIST, TRAIN_SCORES, RunMetadata, load_inspection_model, read_json, read_split
-from llb_edge.runtime.openvino_backend import PRECISIONS as OPENVINO_PRECISIONS
 from llb_edge.runtime.openvino_backend import import_openvino
 
 log = logging.getLogger(__name__)
@@ -370,69 +371,37 @@ def _engine_file(build: EngineBuild, root: Path) -> tuple[str, ModelFile]:
                           precision=build.plan.precision, target=build.target(), parity=build.parity)
 
 
-def export_bundle(
-    run_dir: str | Path,
-    out_dir: str | Path,
-    formats: str | Sequence[str] = ("onnx",),
-    precisions: Sequence[str] = PRECISIONS,
-    model_id: str | None = None,
-    model_version: str | None = None,
-    validation: str | Path | Sequence[Sample] | None = None,
-    images_for_parity: np.ndarray | Sequence[str] | None = None,
-    overwrite: bool = False,
-    weights: str | None = None,
-    threshold_method: str = METHOD_CALIBRATED,
-    target_frr: float = DEFAULT_TARGET_FRR,
-    threshold_margin: float = DEFAULT_MARGIN,
-    parity_count: int = parity.DEFAULT_PARITY_IMAGES,
-    engine_precision: str = "fp16",
-    engine_profile: BatchProfile | None = None,
-    engine_cache_dir: str | Path | None = None,
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-    gate_count: int = DEFAULT_GATE_IMAGES,
-    calibration_count: int = DEFAULT_CALIBRATION_IMAGES,
-    openvino_precisions: Sequence[str] = OPENVINO_PRECISIONS,
-) -> Bundle:
+def export_bundle(run_dir: str | Path, out_dir: str | Path, options: ExportOptions | None = None) -> Bundle:
     """Export the final model of ``run_dir`` into the bundle folder ``out_dir``; returns the loaded bundle.
 
-    formats: "onnx", "tensorrt" or "all" (or a list). TensorRT bundles always carry the ONNX
-    graphs too (the engine's source, the parity reference and the runtime's fallback). With
-    "tensorrt" a missing TensorRT is an error; with "all" it is a warning and the engines are skipped.
-    "openvino" adds the OpenVINO CPU variants ``openvino_precisions`` that pass the decision gate on
-    this machine (rejected ones are warned about and recorded, not served).
-    precisions: ONNX precisions; fp32 is required (CPU runtime and parity reference).
-    validation: labelled images for the F1-max candidate and the measured false-reject and escape
-    rates: Samples, a JSONL sample list, or "test".
-    threshold_method: which candidate becomes the bundle's threshold: "calibrated" (default: the
-    conformal threshold for ``target_frr`` on the run's calibration slice), "quantile" or "f1max".
-    images_for_parity: uint8 [N, crop, crop, 3] model inputs or image paths; default: the run's
-    test images. weights: backbone weights file when the recorded path does not exist here.
+    ``options``: what to export and how (ExportOptions; None: its defaults).
     Raises ExportError, LintError, ParityError, TensorRTError or RunError with the reason.
     """
     started = time.perf_counter()
+    options = options or ExportOptions()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    wanted, tensorrt_optional = resolve_formats(formats)
-    precisions = list(dict.fromkeys(precisions))
-    if "fp32" not in precisions or set(precisions) - set(PRECISIONS):
-        raise ExportError(f"precisions must include fp32 and be among {', '.join(PRECISIONS)}, got {precisions}")
-    if threshold_method not in METHODS:
-        raise ExportError(f"threshold_method must be one of {', '.join(METHODS)}, got {threshold_method!r}")
-    if not 0.0 < target_frr < 1.0:
-        raise ExportError(f"the target false-reject rate must be in (0, 1), got {target_frr}")
-    _prepare_out_dir(out_dir, overwrite)
+    wanted, tensorrt_optional = resolve_formats(options.formats)
+    precisions = list(dict.fromkeys(options.precisions))
+    if "fp32" not in precisions or set(precisions) - set(ONNX_PRECISIONS):
+        raise ExportError(f"precisions must include fp32 and be among {', '.join(ONNX_PRECISIONS)}, got {precisions}")
+    if options.threshold_method not in METHODS:
+        raise ExportError(f"threshold_method must be one of {', '.join(METHODS)}, got {options.threshold_method!r}")
+    if not 0.0 < options.target_frr < 1.0:
+        raise ExportError(f"the target false-reject rate must be in (0, 1), got {options.target_frr}")
+    _prepare_out_dir(out_dir, options.overwrite)
     wanted, skipped = _tensorrt_available(wanted, tensorrt_optional)
     if "openvino" in wanted:
         import_openvino()  # fail before the slow steps, with the install hint
-    if "tensorrt" in wanted and "fp16" not in precisions and engine_precision == "fp16":
+    if "tensorrt" in wanted and "fp16" not in precisions and options.engine_precision == "fp16":
         precisions.append("fp16")  # strongly typed fp16 builds parse the fp16 graph
 
     import onnx
     import onnxruntime
     import torch
 
-    model, cfg, metadata = load_inspection_model(run_dir, "cpu", weights)
+    model, cfg, metadata = load_inspection_model(run_dir, "cpu", options.weights)
     geometry = Geometry(cfg.data.resize, cfg.data.crop)
-    images, image_sources = parity_image_set(run_dir, cfg, images_for_parity, parity_count)
+    images, image_sources = parity_image_set(run_dir, cfg, options.images_for_parity, options.parity_count)
     log.info("parity gate on %d real images", len(images))
     reference = parity.run_torch(model, images)
 
@@ -460,10 +429,11 @@ def export_bundle(
             exports[precision] = result.to_dict()
             lint_notes[precision] = [str(f) for f in findings]
 
-        threshold = choose_threshold(run_dir, cfg, onnx_paths["fp32"], validation, threshold_method, target_frr,
-                                     threshold_margin)
+        validation = options.validation
+        threshold = choose_threshold(run_dir, cfg, onnx_paths["fp32"], validation, options.threshold_method,
+                                     options.target_frr, options.threshold_margin)
         (gate_images, gate_sources), (calibration, calibration_sources) = decision_image_sets(
-            run_dir, cfg, gate_count, calibration_count)
+            run_dir, cfg, options.gate_count, options.calibration_count)
         if "fp16" in onnx_paths:  # ONNX Runtime fp16 on a CPU: the reduced-precision decision gate
             gate_reference = parity.run_onnxruntime(onnx_paths["fp32"], gate_images)
             decisions = parity.require(parity.check_decisions(
@@ -503,15 +473,15 @@ def export_bundle(
             extra[VALIDATION_KEY] = {"source": str(validation) if isinstance(validation, str | Path) else "samples",
                                    **threshold.validation}
         if "tensorrt" in wanted:
-            build = build_checked_engine(onnx_paths, cfg.data.crop, images, engine_precision, engine_profile,
-                                         engine_cache_dir, workspace_bytes)
+            build = build_checked_engine(onnx_paths, cfg.data.crop, images, options.engine_precision,
+                                         options.engine_profile, options.engine_cache_dir, options.workspace_bytes)
             key, spec = _engine_file(build, staging)
             files[key] = spec
         extra["export_seconds"] = round(time.perf_counter() - started, 1)
-        manifest = _manifest(run_dir, cfg, metadata, model_id, model_version, threshold, files, extra)
+        manifest = _manifest(run_dir, cfg, metadata, options.model_id, options.model_version, threshold, files, extra)
         write_manifest(staging, manifest)
         if "openvino" in wanted:
-            _, rejected = add_openvino_variants(staging, tuple(openvino_precisions), engine_cache_dir)
+            _, rejected = add_openvino_variants(staging, options.openvino_precisions, options.engine_cache_dir)
             for precision, report in rejected.items():
                 warnings.warn(f"OpenVINO {precision} rejected by the decision gate, not added: {report.summary()} "
                               f"({'; '.join(report.failures)})", stacklevel=2)
@@ -551,6 +521,7 @@ def add_tensorrt_engine(
 __all__ = [
     "FORMATS",
     "ExportError",
+    "ExportOptions",
     "LintError",
     "ParityError",
     "TensorRTError",

@@ -41,14 +41,13 @@ import onnx
 import torch
 from torch import nn
 
-from llb_edge.bundle import INPUT_NAME, MAP_OUTPUT, MAX_OUTPUT, SCORE_OUTPUT
+from llb_edge.bundle import INPUT_NAME, MAP_OUTPUT, MAX_OUTPUT, ONNX_PRECISIONS, SCORE_OUTPUT
 from llb_edge.errors import LLBEdgeError
 from llb_edge.models.dinomaly import AnomalyScorer, InspectionModel, LinearAttention
 
 log = logging.getLogger(__name__)
 
 OPSET = 18  # LayerNormalization needs 17; the torch.export-based exporter emits 18 natively
-PRECISIONS = ("fp32", "fp16")
 BATCH_DIM = "batch"
 # The example batch used for tracing: 2, because torch.export specialises sizes 0 and 1.
 EXAMPLE_BATCH = 2
@@ -167,8 +166,8 @@ def mixed_fp16_model(model: InspectionModel) -> InspectionModel:
 
 def deployable_module(model: InspectionModel, precision: str) -> nn.Module:
     """The module that is exported for ``precision`` (also what parity tests may run in torch)."""
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in ONNX_PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(ONNX_PRECISIONS)}, got {precision!r}")
     model = model.eval()
     inner = model if precision == "fp32" else mixed_fp16_model(model)
     return _FloatInput(inner).eval()

@@ -38,6 +38,7 @@ SCORE_OUTPUT = "score"  # float32 [B], mean of the top fraction of map pixels
 MAX_OUTPUT = "score_max"  # float32 [B], max of the map
 
 MODEL_FORMATS = ("onnx", "tensorrt", "openvino", "safetensors")
+ONNX_PRECISIONS = ("fp32", "fp16")  # the ONNX graphs a bundle may carry (exporters/onnx_export.py)
 # bundle.json ``extra`` keys that a module other than the exporter reads (docs/bundle.md lists every
 # key): spelled here once; the typed accessors of :class:`Bundle` read the runtime's.
 SCORE_RANGE_KEY = "score_range"  # [lo, hi] every score of the graph lies in

@@ -13,9 +13,12 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from llb_edge.bundle import VALIDATION_KEY, Bundle
-from llb_edge.calibration import DEFAULT_TARGET_FRR
+from llb_edge.config import COMMAND_LINE
 from llb_edge.errors import LLBEdgeError
+from llb_edge.exporters.export_options import ExportOptions
 from llb_edge.protocol import DEFAULT_CONTROL, DEFAULT_INTAKE, DEFAULT_RESULTS
+from llb_edge.retrain import RetrainOptions
+from llb_edge.runtime.logs import DEFAULT_LOG_LEVEL
 from llb_edge.runtime.serve_options import ServeOptions
 
 if TYPE_CHECKING:
@@ -24,8 +27,8 @@ if TYPE_CHECKING:
 # Errors a user can fix: printed as one line, exit code 2. Anything else keeps its traceback.
 USER_ERRORS = (LLBEdgeError, FileNotFoundError, NotADirectoryError)
 
-# What `llb-edge serve --help` shows as defaults: ServeOptions' own, the only copy.
-SERVE_DEFAULTS = ServeOptions()
+# What `llb-edge serve/export/retrain --help` show as defaults: their options records' own, the only copies.
+SERVE_DEFAULTS, EXPORT_DEFAULTS, RETRAIN_DEFAULTS = ServeOptions(), ExportOptions(), RetrainOptions()
 
 app = typer.Typer(
     help="LLB-purified Dinomaly anomaly inspection: train on contaminated line data, export, serve to PLCs.",
@@ -137,11 +140,13 @@ def evaluate(
     typer.echo(json.dumps(metrics, indent=2))
 
 
-def serve_default(key: str) -> str:
-    """The default of a serve setting (dotted key), as `llb-edge serve --help` shows it."""
-    value: Any = SERVE_DEFAULTS
+def shown_default(defaults: object, key: str) -> str:
+    """The default of a setting (dotted key) of the options record ``defaults``, as --help shows it."""
+    value: Any = defaults
     for part in key.split("."):
         value = getattr(value, part)
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value) or "none"
     return "off" if value is None else str(value)
 
 
@@ -152,7 +157,15 @@ def given(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def serve_option(key: str, help: str, *names: str) -> Any:  # noqa: A002 - typer's parameter name
-    return typer.Option(*names, help=help, show_default=serve_default(key))
+    return typer.Option(*names, help=help, show_default=shown_default(SERVE_DEFAULTS, key))
+
+
+def export_option(key: str, help: str, *names: str) -> Any:  # noqa: A002 - typer's parameter name
+    return typer.Option(*names, help=help, show_default=shown_default(EXPORT_DEFAULTS, key))
+
+
+def retrain_option(key: str, help: str, *names: str) -> Any:  # noqa: A002 - typer's parameter name
+    return typer.Option(*names, help=help, show_default=shown_default(RETRAIN_DEFAULTS, key))
 
 
 @app.command()
@@ -455,22 +468,24 @@ def bench_contamination(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle folder to create.")],
-    format: Annotated[str, typer.Option("--format", help="onnx | tensorrt | openvino | all (onnx + tensorrt).")] = (
-        "onnx"),
-    precision: Annotated[list[str] | None, typer.Option(help="ONNX precisions (repeatable): fp32, fp16.")] = None,
+    format: Annotated[str | None, export_option(
+        "formats", "onnx | tensorrt | openvino | all (onnx + tensorrt).", "--format")] = None,
+    precision: Annotated[list[str] | None, export_option(
+        "precisions", "ONNX precisions (repeatable): fp32, fp16.")] = None,
     model_id: Annotated[str | None, typer.Option(help="Model id (default: the run name).")] = None,
     model_version: Annotated[str | None, typer.Option(help="Model version (default: a UTC timestamp).")] = None,
     validation: Annotated[str | None, typer.Option(
         help="Labelled images ('test' or a JSONL sample list): prints the measured false-reject and escape "
              "rates at the threshold, and offers the F1-max threshold.")] = None,
-    threshold_method: Annotated[str, typer.Option(
-        help="calibrated: for --target-frr on the run's held-back calibration images (no labels) | quantile: the "
-             "old training-score rule | f1max (needs --validation).")] = "calibrated",
-    target_frr: Annotated[float, typer.Option(
-        help="False-reject rate you accept on normal parts (0.01 = 1%); the threshold is calibrated for it.")] = (
-        DEFAULT_TARGET_FRR),
+    threshold_method: Annotated[str | None, export_option(
+        "threshold_method",
+        "calibrated: for --target-frr on the run's held-back calibration images (no labels) | quantile: the "
+        "old training-score rule | f1max (needs --validation).")] = None,
+    target_frr: Annotated[float | None, export_option(
+        "target_frr",
+        "False-reject rate you accept on normal parts (0.01 = 1%); the threshold is calibrated for it.")] = None,
     weights: Annotated[str | None, typer.Option(help="Backbone weights, if not where the run recorded them.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+    overwrite: Annotated[bool | None, export_option("overwrite", "Replace an existing bundle folder.")] = None,
 ) -> None:
     """Export a run's final model to a bundle: ONNX (fp32, fp16) and/or TensorRT, gated on parity.
 
@@ -479,15 +494,15 @@ def export(
     TensorRT engines are built on the machine that runs them (llb-edge bundle build-engine).
     """
     setup_logging(False)
+    from llb_edge.config import apply_settings
     from llb_edge.exporters.bundle_export import export_bundle
-    from llb_edge.exporters.onnx_export import PRECISIONS
 
     try:
-        bundle = export_bundle(
-            run_dir, out, formats=format, precisions=tuple(precision or PRECISIONS), model_id=model_id,
-            model_version=model_version, validation=validation, threshold_method=threshold_method,
-            target_frr=target_frr, weights=weights, overwrite=overwrite,
-        )
+        options = apply_settings(EXPORT_DEFAULTS, given({
+            "formats": format, "precisions": precision, "model_id": model_id, "model_version": model_version,
+            "validation": validation, "threshold_method": threshold_method, "target_frr": target_frr,
+            "weights": weights, "overwrite": overwrite}), COMMAND_LINE, text=True)
+        bundle = export_bundle(run_dir, out, options)
     except USER_ERRORS as err:
         fail(str(err))
     show_bundle(bundle)
@@ -640,7 +655,7 @@ def gateway(
     modbus_client: Annotated[str | None, typer.Option(help="Write holding registers to the PLC at HOST:PORT.")] = None,
     word_order: Annotated[str | None, typer.Option(help="Modbus float word order: big | little.")] = None,
     fail_safe_s: Annotated[float | None, typer.Option(help="Silence from the daemon that trips Fault.")] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING.")] = "INFO",
+    log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING.")] = DEFAULT_LOG_LEVEL,
 ) -> None:
     """Drive PLC tags (OPC UA, Modbus TCP, S7) from the daemon's results, with heartbeat and fail-safe."""
     from llb_edge.runtime.gateway import build_config, run_gateway
@@ -671,8 +686,9 @@ def retrain(
     config: ConfigOption = None,
     overrides: SetOption = None,
     out: Annotated[Path, typer.Option(help="Parent folder of retrain work folders.")] = Path("retrain"),
-    holdout: Annotated[float, typer.Option(help="Fraction of the pool held back for the comparison.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the held-back slice.")] = 0,
+    holdout: Annotated[float | None, retrain_option(
+        "holdout_fraction", "Fraction of the pool held back for the comparison.")] = None,
+    seed: Annotated[int | None, retrain_option("seed", "Seed of the held-back slice.")] = None,
     max_ng_rate_change: Annotated[float | None, typer.Option(
         help="Gate: largest |NG-rate change| (default: docs/retrain.md).")] = None,
     max_disagreement: Annotated[float | None, typer.Option(
@@ -681,8 +697,9 @@ def retrain(
         help="Gate: largest drop of a metric on labelled frames (default: docs/retrain.md).")] = None,
     min_holdout: Annotated[int | None, typer.Option(
         help="Gate: fewest held-back frames to decide on (default: docs/retrain.md).")] = None,
-    precision: Annotated[list[str] | None, typer.Option(help="Candidate ONNX precisions (repeatable).")] = None,
-    backend: Annotated[str, typer.Option(help="Comparison backend: ort-cpu | ort-cuda.")] = "ort-cpu",
+    precision: Annotated[list[str] | None, retrain_option(
+        "precisions", "Candidate ONNX precisions (repeatable).")] = None,
+    backend: Annotated[str | None, retrain_option("backend", "Comparison backend: ort-cpu | ort-cuda.")] = None,
     no_promote: Annotated[bool, typer.Option("--no-promote", help="Decide and report only.")] = False,
     resume: Annotated[Path | None, typer.Option(
         help="A retrain work folder (OUT/retrain-VERSION) to continue where it stopped; on a finished one, "
@@ -693,7 +710,6 @@ def retrain(
     promotion only if the gate passes. Exit code 1 when the gate fails or a daemon did not reload."""
     setup_logging(verbose)
     from llb_edge.config import apply_settings
-    from llb_edge.retrain import GateConfig
     from llb_edge.retrain import retrain as run_retrain
 
     compared = current or versions
@@ -702,15 +718,14 @@ def retrain(
     if pool is None and resume is None:
         fail("give --pool POOL_DIR (or --resume WORK_DIR to continue a cycle)")
     try:
-        gate = apply_settings(GateConfig(), given({
-            "max_ng_rate_change": max_ng_rate_change, "max_disagreement": max_disagreement,
-            "max_labeled_drop": max_labeled_drop, "min_holdout": min_holdout}), "command line", text=True)
-        decision = run_retrain(
-            pool, compared, out, config=config, overrides=overrides or (), gate=gate,
-            holdout_fraction=holdout, seed=seed, versions_root=versions, notify_endpoints=notify or (),
-            promote_if_passed=not no_promote, precisions=tuple(precision or ("fp32", "fp16")), backend=backend,
-            resume_dir=resume,
-        )
+        options = apply_settings(RETRAIN_DEFAULTS, given({
+            "config": config, "overrides": overrides, "holdout_fraction": holdout, "seed": seed,
+            "versions_root": versions, "notify_endpoints": notify, "promote_if_passed": False if no_promote else None,
+            "precisions": precision, "backend": backend, "resume_dir": resume,
+            "gate": {"max_ng_rate_change": max_ng_rate_change, "max_disagreement": max_disagreement,
+                     "max_labeled_drop": max_labeled_drop, "min_holdout": min_holdout},
+        }), COMMAND_LINE, text=True)
+        decision = run_retrain(pool, compared, out, options)
     except USER_ERRORS as err:
         fail(str(err))
     typer.echo(f"candidate {decision.candidate_version} vs current {decision.current_version}: gate "

@@ -194,6 +194,7 @@ class RunConfig:
 # where the dataclass declares them. File values must have the declared type (TOML and JSON are
 # typed; an integer is taken for a float); command-line values are text and are converted.
 
+COMMAND_LINE = "command line"  # the source named in errors about flags
 OFF_WORDS = ("off", "none", "")  # an optional setting (``X | None``) given as one of these is None: off
 _TRUE_WORDS, _FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

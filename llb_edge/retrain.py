@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from llb_edge import metrics
-from llb_edge.bundle import Bundle, load_bundle, operator_name, utc_now
+from llb_edge.bundle import ONNX_PRECISIONS, Bundle, load_bundle, operator_name, utc_now
 from llb_edge.config import RunConfig, apply_overrides, load_config, validate
 from llb_edge.errors import LLBEdgeError
 from llb_edge.pool import PoolFrame, read_pool
@@ -167,7 +167,7 @@ def evaluate_gate(comparison: dict[str, Any], gate: GateConfig) -> list[GateChec
 # ------------------------------------------------------------------------------------- scoring
 
 
-def score_bundle(bundle: Bundle, paths: Sequence[Path], backend: str = "ort-cpu", threads: int | None = None,
+def score_bundle(bundle: Bundle, paths: Sequence[Path], backend: str, threads: int | None,
                  batch_size: int = 8) -> np.ndarray:
     """Image scores of ``bundle`` on image files, computed the way the daemon computes them."""
     from llb_edge.data.images import read_image_rgb
@@ -220,7 +220,7 @@ def labeled_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) ->
 
 def compare_bundles(
     current: Bundle, candidate: Bundle, holdout: Sequence[tuple[Path, PoolFrame]],
-    labeled: Sequence[tuple[Path, PoolFrame, str]], backend: str = "ort-cpu", threads: int | None = None,
+    labeled: Sequence[tuple[Path, PoolFrame, str]], backend: str, threads: int | None,
 ) -> dict[str, Any]:
     """Both models on the held-back slice and the labelled frames: the gate's evidence."""
     paths = [p for p, _ in holdout] + [p for p, _, _ in labeled]
@@ -360,46 +360,53 @@ def _new_name(taken: set[str]) -> str:
 # ----------------------------------------------------------------------------------- the cycle
 
 
+@dataclass(frozen=True)
+class RetrainOptions:
+    """What `llb-edge retrain` can be told besides its folders; the defaults are declared here only."""
+
+    config: str | Path | None = None  # training recipe; None: the current model's run config (retrain_config)
+    overrides: tuple[str, ...] = ()  # KEY=VALUE settings over the recipe
+    gate: GateConfig = field(default_factory=GateConfig)
+    holdout_fraction: float = 0.2  # share of the pool's unlabelled frames held back for the comparison
+    seed: int = 0  # of the held-back slice
+    versions_root: str | Path | None = None  # versioned bundle folder to promote into; None: never promote
+    notify_endpoints: tuple[str, ...] = ()  # daemon control endpoints to hot-reload after a promotion
+    promote_if_passed: bool = True  # False: decide and report only
+    precisions: tuple[str, ...] = ONNX_PRECISIONS  # of the candidate bundle's ONNX graphs
+    backend: str = "ort-cpu"  # comparison backend: ort-cpu | ort-cuda
+    threads: int | None = None  # ONNX Runtime threads of the comparison; None: all cores
+    by: str | None = None  # who promotes (the versions log); None: the operator's login name
+    resume_dir: str | Path | None = None  # a cycle's work folder to continue (its recipe is the saved one)
+
+
 def retrain(
     pool_dir: str | Path | None,
     current_bundle_dir: str | Path,
     out_root: str | Path,
-    *,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    gate: GateConfig | None = None,
-    holdout_fraction: float = 0.2,
-    seed: int = 0,
-    versions_root: str | Path | None = None,
-    notify_endpoints: Sequence[str] = (),
-    promote_if_passed: bool = True,
-    precisions: Sequence[str] = ("fp32", "fp16"),
-    backend: str = "ort-cpu",
-    threads: int | None = None,
-    by: str | None = None,
-    resume_dir: str | Path | None = None,
+    options: RetrainOptions | None = None,
 ) -> RetrainDecision:
-    """One retrain cycle (module docstring). Promotes into ``versions_root`` (and notifies the daemons)
-    only when the gate passes; otherwise the candidate and its report stay in the work folder, where
-    `llb-edge promote` can still install it by hand. ``current_bundle_dir`` may be a versions root.
-    ``resume_dir``: a cycle's work folder to continue (its recipe is the saved one, not ``config``)."""
-    from llb_edge.exporters.bundle_export import export_bundle
+    """One retrain cycle (module docstring). Promotes into ``options.versions_root`` (and notifies the
+    daemons) only when the gate passes; otherwise the candidate and its report stay in the work folder,
+    where `llb-edge promote` can still install it by hand. ``current_bundle_dir`` may be a versions
+    root. ``pool_dir`` may be None when resuming a cycle whose pool snapshot is complete."""
+    from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
     from llb_edge.trainer.pipeline import run_training
 
-    gate = gate or GateConfig()
+    options = options or RetrainOptions()
+    gate, versions_root = options.gate, options.versions_root
     gate.validate()
-    if not 0.0 < holdout_fraction < 1.0:
-        raise RetrainError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    if not 0.0 < options.holdout_fraction < 1.0:
+        raise RetrainError(f"holdout_fraction must be in (0, 1), got {options.holdout_fraction}")
     timing: dict[str, float] = {}
     started = time.perf_counter()
     current = load_bundle(resolve_bundle_dir(current_bundle_dir), verify=True)
-    if resume_dir is None:
+    if options.resume_dir is None:
         taken = {current.manifest.model_version, *(list_versions(versions_root) if versions_root else [])}
         version = _new_name(taken | {p.name.removeprefix("retrain-") for p in Path(out_root).glob("retrain-*")})
         work = Path(out_root) / f"retrain-{version}"
         work.mkdir(parents=True)
     else:
-        work = Path(resume_dir)
+        work = Path(options.resume_dir)
         if not work.is_dir():
             raise RetrainError(f"cannot resume {work}: no such retrain work folder")
         version = work.name.removeprefix("retrain-")
@@ -419,7 +426,8 @@ def retrain(
     if (saved_run / CONFIG).is_file():
         cfg = read_run_config(saved_run)  # a resumed cycle keeps its recipe and its held-back slice
     else:
-        cfg = retrain_config(current, config, overrides, work / DATA_DIR, work, holdout_fraction, seed)
+        cfg = retrain_config(current, options.config, options.overrides, work / DATA_DIR, work,
+                             options.holdout_fraction, options.seed)
     timing["snapshot_s"] = time.perf_counter() - started
 
     run_dir = saved_run
@@ -439,14 +447,14 @@ def retrain(
         candidate = load_bundle(candidate_dir, verify=True)
     else:
         t0 = time.perf_counter()
-        candidate = export_bundle(run_dir, candidate_dir, precisions=tuple(precisions),
-                                  model_id=current.manifest.model_id, model_version=version)
+        candidate = export_bundle(run_dir, candidate_dir, ExportOptions(
+            precisions=options.precisions, model_id=current.manifest.model_id, model_version=version))
         timing["export_s"] = time.perf_counter() - t0
 
     if not (report_dir / COMPARISON_FILE).is_file():
         t0 = time.perf_counter()
         holdout = [(Path(s.path), unlabeled[Path(s.path).name]) for s in split.test]
-        comparison = compare_bundles(current, candidate, holdout, labeled, backend, threads)
+        comparison = compare_bundles(current, candidate, holdout, labeled, options.backend, options.threads)
         comparison["pool"] = {
             "dir": None if pool_dir is None else str(Path(pool_dir).resolve()), "unlabeled": len(unlabeled),
             "labeled": len(labeled), "train": len(split.train), "kept_by_llb": meta.train_images,
@@ -454,8 +462,8 @@ def retrain(
         }
         write_json(report_dir / COMPARISON_FILE, comparison)
         timing["compare_s"] = time.perf_counter() - t0
-    return judge(work, gate, versions_root=versions_root, notify_endpoints=notify_endpoints,
-                 promote_if_passed=promote_if_passed, by=by, timing=timing, started=started)
+    return judge(work, gate, versions_root=versions_root, notify_endpoints=options.notify_endpoints,
+                 promote_if_passed=options.promote_if_passed, by=options.by, timing=timing, started=started)
 
 
 def judge(

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 LOGGER_NAME = "llb_edge.runtime"
+DEFAULT_LOG_LEVEL = "INFO"  # of the daemon and the gateway
 
 
 class JsonFormatter(logging.Formatter):
@@ -44,7 +45,7 @@ def _add_json_handler(logger: logging.Logger, stream: TextIO | None) -> None:
     logger.addHandler(handler)
 
 
-def configure_json_logging(level: int | str = logging.INFO, stream: TextIO | None = None) -> None:
+def configure_json_logging(level: int | str = DEFAULT_LOG_LEVEL, stream: TextIO | None = None) -> None:
     """Send the runtime's logs to ``stream`` (stderr) as JSON lines; idempotent."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llb_edge.config import (
+    COMMAND_LINE,
     ConfigError,
     apply_settings,
     coerce_setting,
@@ -37,12 +38,12 @@ from llb_edge.runtime.backends import BACKEND_CHOICES
 from llb_edge.runtime.capture import CaptureOptions
 from llb_edge.runtime.drift import DEFAULT_NG_RATE_ALPHA, DEFAULT_NG_RATE_WINDOW
 from llb_edge.runtime.frames import DEFAULT_CAMERA_IDLE_S, DEFAULT_MAX_PIXELS
+from llb_edge.runtime.logs import DEFAULT_LOG_LEVEL
 from llb_edge.runtime.roi import RegionOfInterest, RegionOfInterestError, read_mask, region_of_interest
 
 INTAKE_MODES = ("pull", "sub")
 MAP_PAYLOAD_CHOICES = ("none", *MAP_ENCODINGS)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-COMMAND_LINE = "command line"  # the source named in errors about flags
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class ServeOptions:
     regions: dict[str, RegionOfInterest] = field(default_factory=dict, metadata=setting_parser(regions_from_file))
     ng_rate_window: int = DEFAULT_NG_RATE_WINDOW  # frames per camera in the NG-rate drift check (runtime/drift.py)
     ng_rate_alpha: float = DEFAULT_NG_RATE_ALPHA  # false-alarm probability of that check per full window
-    log_level: str = "INFO"  # DEBUG | INFO | WARNING: the JSON log lines on stderr
+    log_level: str = DEFAULT_LOG_LEVEL  # DEBUG | INFO | WARNING: the JSON log lines on stderr
 
     def validate(self) -> None:
         problems = []

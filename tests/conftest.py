@@ -75,10 +75,11 @@ def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     """
     import warnings
 
-    from llb_edge.exporters.bundle_export import export_bundle
+    from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        export_bundle(tiny_run, out, formats="all", validation="test", model_id="tiny-model", model_version="7")
+        export_bundle(tiny_run, out, ExportOptions(formats="all", validation="test", model_id="tiny-model",
+                                                  model_version="7"))
     return out, [str(w.message) for w in caught]

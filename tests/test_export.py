@@ -31,7 +31,7 @@ from llb_edge.bundle import (
 from llb_edge.calibration import DEFAULT_CALIBRATION_OUTLIER_Z
 from llb_edge.config import load_config
 from llb_edge.exporters import parity
-from llb_edge.exporters.bundle_export import bundle_parity_images, export_bundle, resolve_formats
+from llb_edge.exporters.bundle_export import ExportOptions, bundle_parity_images, export_bundle, resolve_formats
 from llb_edge.exporters.lint import LintError, lint_model
 from llb_edge.exporters.onnx_export import ExportError, export_onnx
 from llb_edge.exporters.parity import ParityError, rankdata, spearman
@@ -176,7 +176,7 @@ def test_target_frr_and_method_choice(exported: tuple[Path, list[str]], tiny_run
     assert decision.frr["target"] is None and decision.frr["calibration_count"] == 12  # estimated all the same
     assert decision.chosen.method == "quantile" and set(decision.candidates) == {"quantile", "calibrated"}
     with pytest.raises(ExportError, match="target false-reject rate"):
-        export_bundle(tiny_run, onnx_fp32.parent / "never", precisions=("fp32",), target_frr=1.5)
+        export_bundle(tiny_run, onnx_fp32.parent / "never", ExportOptions(precisions=("fp32",), target_frr=1.5))
 
 
 def test_tensorrt_skipped_with_a_warning_for_all(exported: tuple[Path, list[str]]) -> None:
@@ -275,7 +275,7 @@ def test_altered_graph_fails_the_parity_gate(
 
     _swap_export(monkeypatch, exported[0] / "model_fp32.onnx", blur_more)
     with pytest.raises(ParityError, match="parity gate failed"):
-        export_bundle(tiny_run, tmp_path / "bad", precisions=("fp32",))
+        export_bundle(tiny_run, tmp_path / "bad", ExportOptions(precisions=("fp32",)))
     assert list(tmp_path.iterdir()) == []  # nothing left behind, not even the staging folder
 
 
@@ -288,7 +288,7 @@ def test_topk_too_large_fails_the_lint(
 
     _swap_export(monkeypatch, exported[0] / "model_fp32.onnx", widen_topk)
     with pytest.raises(LintError, match="TopK K=4000"):
-        export_bundle(tiny_run, tmp_path / "bad", precisions=("fp32",))
+        export_bundle(tiny_run, tmp_path / "bad", ExportOptions(precisions=("fp32",)))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -314,7 +314,7 @@ def test_existing_bundle_is_not_overwritten(exported: tuple[Path, list[str]], ti
     stranger.mkdir()
     (stranger / "todo.txt").write_text("keep me")
     with pytest.raises(ExportError, match="not a bundle"):
-        export_bundle(tiny_run, stranger, overwrite=True)
+        export_bundle(tiny_run, stranger, ExportOptions(overwrite=True))
     assert (stranger / "todo.txt").read_text() == "keep me"
 
 

@@ -7,6 +7,7 @@ promotes while frames keep flowing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -24,7 +25,7 @@ from runtime_harness import Client, export_contract_model, make_bundle, running_
 
 from llb_edge.data.images import read_image_rgb  # noqa: E402
 from llb_edge.pool import read_pool  # noqa: E402
-from llb_edge.retrain import GateConfig, evaluate_gate, judge, retrain  # noqa: E402
+from llb_edge.retrain import GateConfig, RetrainOptions, evaluate_gate, judge, retrain  # noqa: E402
 from llb_edge.runtime.capture import CaptureOptions  # noqa: E402
 from llb_edge.runtime.versions import (  # noqa: E402
     VersionError,
@@ -199,14 +200,14 @@ class Collector(threading.Thread):
 def served_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run exported as version "v1". The run is requested from here so that, when no earlier
     test has trained it yet, it trains on one thread too (a session fixture would start first)."""
-    from llb_edge.exporters.bundle_export import export_bundle
+    from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         tiny_run = request.getfixturevalue("tiny_run")
         out = tmp_path_factory.mktemp("served") / "v1"
-        return export_bundle(tiny_run, out, precisions=("fp32",), model_version="v1").root
+        return export_bundle(tiny_run, out, ExportOptions(precisions=("fp32",), model_version="v1")).root
     finally:
         torch.set_num_threads(threads)
 
@@ -241,9 +242,9 @@ def test_capture_retrain_gate_promote_rollback_end_to_end(served_bundle: Path, t
 
         # 2. Retrain; its gate fails (too few held-back frames, no disagreement allowed): nothing changes.
         failing = GateConfig(max_disagreement=0.0, min_holdout=10_000)
-        decision = retrain(pool, root, tmp_path / "retrain", overrides=TINY_RETRAIN, gate=failing,
-                           holdout_fraction=0.25, seed=0, versions_root=root, notify_endpoints=[control],
-                           precisions=("fp32",), threads=1, by="test")
+        decision = retrain(pool, root, tmp_path / "retrain", RetrainOptions(
+            overrides=tuple(TINY_RETRAIN), gate=failing, holdout_fraction=0.25, seed=0, versions_root=root,
+            notify_endpoints=(control,), precisions=("fp32",), threads=1, by="test"))
         assert not decision.passed and not decision.promoted
         assert any(reason.startswith("FAIL min_holdout") for reason in decision.reasons)
         assert current_version(root) == "v1" and version_of_next_frame(100) == "v1"
@@ -334,9 +335,9 @@ def test_interrupted_retrain_resumes_from_its_snapshot_and_rejudges(served_bundl
     real_pool(pool, mtd_frames(normal=20, defective=0))
     failing = GateConfig(max_disagreement=0.0, min_holdout=10_000)
     passing = GateConfig(max_ng_rate_change=1.0, max_disagreement=1.0, max_labeled_drop=1.0, min_holdout=1)
-    options = {"precisions": ("fp32",), "threads": 1, "promote_if_passed": False}
-    first = retrain(pool, served_bundle, tmp_path / "retrain", overrides=TINY_RETRAIN, gate=failing,
-                    holdout_fraction=0.25, **options)
+    options = RetrainOptions(precisions=("fp32",), threads=1, promote_if_passed=False)
+    first = retrain(pool, served_bundle, tmp_path / "retrain", dataclasses.replace(
+        options, overrides=tuple(TINY_RETRAIN), gate=failing, holdout_fraction=0.25))
     work, report = first.work_dir, first.report_dir
     model = work / "run" / "model.safetensors"
     trained_at = model.stat().st_mtime_ns
@@ -347,7 +348,8 @@ def test_interrupted_retrain_resumes_from_its_snapshot_and_rejudges(served_bundl
     for name in ("comparison.json", "decision.json"):
         (report / name).unlink()
     shutil.rmtree(pool)
-    resumed = retrain(None, served_bundle, tmp_path / "retrain", gate=passing, resume_dir=work, **options)
+    resumed = retrain(None, served_bundle, tmp_path / "retrain",
+                      dataclasses.replace(options, gate=passing, resume_dir=work))
     assert resumed.work_dir == work and resumed.passed
     assert "train_s" not in resumed.timing and {"export_s", "compare_s"} <= set(resumed.timing)
     assert model.stat().st_mtime_ns == trained_at  # the finished training was not redone

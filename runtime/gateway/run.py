@@ -27,7 +27,7 @@ from llb_edge.runtime.gateway.config import (
 )
 from llb_edge.runtime.gateway.core import Gateway
 from llb_edge.runtime.gateway.tags import MODBUS_BLOCK_REGISTERS
-from llb_edge.runtime.logs import capture_library_logs, configure_json_logging, get_logger, log_event
+from llb_edge.runtime.logs import DEFAULT_LOG_LEVEL, capture_library_logs, configure_json_logging, get_logger, log_event
 
 logger = get_logger("gateway")
 
@@ -118,7 +118,7 @@ async def _serve(config: GatewayConfig, stop_event: threading.Event | None) -> i
 def run_gateway(
     config: GatewayConfig,
     *,
-    log_level: str = "INFO",
+    log_level: str = DEFAULT_LOG_LEVEL,
     stop_event: threading.Event | None = None,
 ) -> int:
     """`llb-edge gateway`: run ``config`` (from :func:`build_config`) until SIGINT/SIGTERM or

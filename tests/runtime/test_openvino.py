@@ -39,11 +39,12 @@ def ov_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     The random tiny encoder scores images close together, so bf16 may swap two of them and be
     rejected (Spearman < 0.999) on one CPU and pass on another (where bf16 falls back to f32).
     """
-    from llb_edge.exporters.bundle_export import export_bundle
+    from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("ov-bundles") / "tiny"
-    export_bundle(tiny_run, out, formats="openvino", precisions=("fp32",), openvino_precisions=("fp32", "bf16"),
-                  engine_cache_dir=tmp_path_factory.mktemp("ov-cache"))
+    export_bundle(tiny_run, out, ExportOptions(formats="openvino", precisions=("fp32",),
+                                               openvino_precisions=("fp32", "bf16"),
+                                               engine_cache_dir=tmp_path_factory.mktemp("ov-cache")))
     return out
 
 
