@@ -462,23 +462,21 @@ def retrain(
         }
         write_json(report_dir / COMPARISON_FILE, comparison)
         timing["compare_s"] = time.perf_counter() - t0
-    return judge(work, gate, versions_root=versions_root, notify_endpoints=options.notify_endpoints,
-                 promote_if_passed=options.promote_if_passed, by=options.by, timing=timing, started=started)
+    return judge(work, options, timing=timing, started=started)
 
 
 def judge(
     work_dir: str | Path,
-    gate: GateConfig,
+    options: RetrainOptions,
     *,
-    versions_root: str | Path | None = None,
-    notify_endpoints: Sequence[str] = (),
-    promote_if_passed: bool = True,
-    by: str | None = None,
     timing: dict[str, float] | None = None,
     started: float | None = None,
 ) -> RetrainDecision:
-    """Apply ``gate`` to a retrain's saved comparison, write decision.json and the report, and promote
-    when it passes. Also re-judges a finished retrain under another gate without retraining."""
+    """Apply ``options.gate`` to a retrain's saved comparison, write decision.json and the report, and
+    promote into ``options.versions_root`` when it passes (notifying ``options.notify_endpoints``, unless
+    ``options.promote_if_passed`` is False). Also re-judges a finished retrain under another gate
+    without retraining."""
+    gate, versions_root = options.gate, options.versions_root
     from llb_edge.trainer.retrain_report import write_report
 
     work = Path(work_dir)
@@ -502,7 +500,7 @@ def judge(
     t0 = time.perf_counter()
     write_report(report_dir, comparison, decision.to_dict() | {"gate": asdict(gate)})
     timing["report_s"] = time.perf_counter() - t0
-    will_promote = decision.passed and promote_if_passed and versions_root is not None
+    will_promote = decision.passed and options.promote_if_passed and versions_root is not None
     # Written before promoting too, so the report copied into the versions folder carries it.
     extra = {"gate": asdict(gate), "decided_at": utc_now(), "earlier_decisions": history}
     write_json(decision.decision_path, decision.to_dict() | extra | {"promoted": "pending" if will_promote else False})
@@ -510,8 +508,8 @@ def judge(
         assert versions_root is not None  # will_promote requires it
         t0 = time.perf_counter()
         reason = f"retrain {work.name}: gate passed (" + "; ".join(c.detail for c in checks) + ")"
-        decision.promotion = promote(versions_root, decision.candidate_dir, report_dir, notify_endpoints,
-                                     reason=reason, by=by or operator_name())
+        decision.promotion = promote(versions_root, decision.candidate_dir, report_dir, options.notify_endpoints,
+                                     reason=reason, by=options.by or operator_name())
         decision.promoted = True
         timing["promote_s"] = time.perf_counter() - t0
     if started is not None:

@@ -280,7 +280,8 @@ def test_capture_retrain_gate_promote_rollback_end_to_end(served_bundle: Path, t
         streamer.start()
         time.sleep(0.3)
         passing = GateConfig(max_ng_rate_change=1.0, max_disagreement=1.0, max_labeled_drop=1.0, min_holdout=1)
-        promoted = judge(decision.work_dir, passing, versions_root=root, notify_endpoints=[control], by="test")
+        promoted = judge(decision.work_dir, RetrainOptions(gate=passing, versions_root=root,
+                                                           notify_endpoints=(control,), by="test"))
         time.sleep(0.3)
         stop_stream.set()
         streamer.join(10)
