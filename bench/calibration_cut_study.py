@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llb_edge.calibration import clopper_pearson_upper, split_outliers, threshold_for_target
+from llb_edge.calibration import split_outliers, threshold_for_target
 from llb_edge.runs import CALIBRATION_SCORES, TEST_SCORES, read_split
 
 Z_VALUES = (2.5, 3.0, 3.5, 4.0)
@@ -54,7 +54,7 @@ def one_run(run_dir: Path, target_frr: float) -> dict[str, dict[str, float]]:
             "left_out_normal": int(np.sum(left_out & ~is_defect)),
             "left_out_defects": int(np.sum(left_out & is_defect)),
             "calibration_defects": int(is_defect.sum()), "threshold": estimate.threshold,
-            "upper": clopper_pearson_upper(estimate.calibration_rejects, len(inliers)),
+            "upper": estimate.upper,
             "frr": float(np.mean(test_scores[test_labels == 0] >= estimate.threshold)),
             "escape": float(np.mean(test_scores[test_labels == 1] < estimate.threshold)),
         }

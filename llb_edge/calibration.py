@@ -32,6 +32,7 @@ Pure Python (no numpy), so the runtime and the exporters share it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import sys
@@ -194,7 +195,13 @@ def estimate_frr(
     Scores above the outlier cut (module docstring) count as defects; ``upper_if_normal`` counts
     those at or above ``threshold`` as false rejects instead.
     """
-    inliers, outliers, cut = split_outliers(scores, outlier_z)
+    return _estimate(*split_outliers(scores, outlier_z), threshold, confidence, outlier_z)
+
+
+def _estimate(
+    inliers: list[float], outliers: list[float], cut: float | None, threshold: float, confidence: float,
+    outlier_z: float | None,
+) -> FalseRejectEstimate:
     n = len(inliers) + len(outliers)
     rejects = sum(1 for v in inliers if v >= threshold)
     outlier_rejects = sum(1 for v in outliers if v >= threshold)
@@ -225,14 +232,13 @@ def threshold_for_target(
     """
     if not 0.0 < target_frr < 1.0:
         raise CalibrationError(f"the target false-reject rate must be in (0, 1), got {target_frr}")
-    values = _checked(scores)
-    inliers, _, _ = split_outliers(values, outlier_z)
+    inliers, outliers, cut = split_outliers(scores, outlier_z)
     n = len(inliers)
     rank = math.ceil((n + 1) * (1.0 - target_frr) - 1e-9)
     reachable = rank <= n
     threshold = math.nextafter(inliers[min(rank, n) - 1], math.inf)
-    estimate = estimate_frr(values, threshold, confidence, outlier_z)
-    return FalseRejectEstimate(**{**estimate.to_dict(), "target": float(target_frr), "reachable": reachable})
+    estimate = _estimate(inliers, outliers, cut, threshold, confidence, outlier_z)
+    return dataclasses.replace(estimate, target=float(target_frr), reachable=reachable)
 
 
 # bundle.json extra["calibration"]: {"source", "count", "scores" (sorted), "confidence", "outlier_z"}, written by
