@@ -50,7 +50,8 @@ from llb_edge.calibration import threshold_for_target
 from llb_edge.config import RunConfig, load_config
 from llb_edge.data.images import read_image_rgb
 from llb_edge.data.transforms import Geometry
-from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
+from llb_edge.exporters.bundle_export import export_bundle
+from llb_edge.exporters.export_options import ExportOptions
 from llb_edge.exporters.parity import onnxruntime_runner
 from llb_edge.exporters.threshold import METHOD_QUANTILE, labelled_rates
 from llb_edge.trainer.llb import TABLE as STAGE1_TABLE

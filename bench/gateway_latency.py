@@ -32,9 +32,9 @@ import zmq
 from asyncua import Client as UaClient
 from pymodbus.client import AsyncModbusTcpClient
 
-from llb_edge.protocol import HEARTBEAT_TOPIC, RESULT_TOPIC_PREFIX, Heartbeat, decode_published
-from llb_edge.runtime.gateway.modbus import registers_to_uint32
-from llb_edge.runtime.gateway.tags import TAG_BY_NAME
+from llb_edge.protocol import Heartbeat, decode_published, subscription_topics
+from llb_edge.runtime.gateway.modbus import decode_registers
+from llb_edge.runtime.gateway.tags import TAG_BY_NAME, UDINT
 from llb_edge.runtime.replay import encode_rgb_frame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ async def measure(args: argparse.Namespace, intake: str, results: str, ua_url: s
     push.connect(intake)
     sub = context.socket(zmq.SUB)
     sub.rcvtimeo, sub.linger = 5000, 0
-    for topic in (RESULT_TOPIC_PREFIX, HEARTBEAT_TOPIC):
+    for topic in subscription_topics():
         sub.setsockopt(zmq.SUBSCRIBE, topic)
     sub.connect(results)
     while not isinstance(decode_published(sub.recv_multipart()), Heartbeat):
@@ -125,7 +125,7 @@ async def measure(args: argparse.Namespace, intake: str, results: str, ua_url: s
 
     async def modbus_id() -> int:
         response = await mb.read_holding_registers(TAG_BY_NAME["InspectionID"].register, count=2, device_id=1)
-        return registers_to_uint32(response.registers, "big")
+        return decode_registers(UDINT, response.registers, "big")
 
     images = frames(args.size)
     samples: dict[str, list[float]] = {"daemon result published": [], "OPC UA tag (server)": [], "Modbus register": []}

@@ -26,7 +26,8 @@ import torch
 
 from llb_edge.config import load_config, write_config
 from llb_edge.data.images import read_image_rgb
-from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
+from llb_edge.exporters.bundle_export import export_bundle
+from llb_edge.exporters.export_options import ExportOptions
 from llb_edge.retrain import GateConfig, RetrainOptions, retrain
 from llb_edge.runtime.capture import CaptureOptions, FrameCapture
 from llb_edge.trainer.pipeline import run_training

@@ -69,10 +69,10 @@ from llb_edge.data.samples import ANOMALOUS, NORMAL, Sample, load_sample_list
 from llb_edge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Geometry
 from llb_edge.exporters import parity
 from llb_edge.exporters.export_options import ExportOptions
-from llb_edge.exporters.lint import LintError, check_model
+from llb_edge.exporters.lint import check_model
 from llb_edge.exporters.onnx_export import ExportError, export_onnx
 from llb_edge.exporters.openvino import add_openvino_variants
-from llb_edge.exporters.parity import ParityError, bundle_parity_images
+from llb_edge.exporters.parity import bundle_parity_images
 from llb_edge.exporters.tensorrt import (
     DEFAULT_WORKSPACE_BYTES,
     BatchProfile,
@@ -516,18 +516,3 @@ def add_tensorrt_engine(
     key, spec = _engine_file(build, bundle.root)
     bundle.manifest.files[key] = spec
     return save_and_reload(bundle)
-
-
-__all__ = [
-    "FORMATS",
-    "ExportError",
-    "ExportOptions",
-    "LintError",
-    "ParityError",
-    "TensorRTError",
-    "add_tensorrt_engine",
-    "bundle_parity_images",
-    "export_bundle",
-    "onnx_file_name",
-    "resolve_formats",
-]

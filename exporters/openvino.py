@@ -237,15 +237,3 @@ def record_variants(bundle: Bundle, builds: list[VariantBuild]) -> Bundle:
         )
     bundle.manifest.extra[REJECTED_KEY] = rejections
     return save_and_reload(bundle)
-
-
-__all__ = [
-    "DEFAULT_CALIBRATION_IMAGES",
-    "DEFAULT_GATE_IMAGES",
-    "OpenVinoError",
-    "VariantBuild",
-    "add_openvino_variants",
-    "build_variant",
-    "quantize_int8",
-    "record_variants",
-]

@@ -571,6 +571,21 @@ def result_topic(camera_id: str) -> bytes:
     return RESULT_TOPIC_PREFIX + camera_id.encode()
 
 
+def result_topic_camera(parts: Sequence[Any]) -> str | None:
+    """The camera a published message's topic names (``result/<camera>``), or None: the inverse of
+    :func:`result_topic`, readable even where the rest of the message is not."""
+    if not parts or not isinstance(parts[0], bytes) or not parts[0].startswith(RESULT_TOPIC_PREFIX):
+        return None
+    return parts[0][len(RESULT_TOPIC_PREFIX) :].decode("utf-8", "replace")
+
+
+def subscription_topics(camera_ids: Sequence[str] = ()) -> list[bytes]:
+    """What a results subscriber subscribes to: the results of ``camera_ids`` (every camera's when
+    empty) and the heartbeats, which prove the subscription live while no part passes."""
+    results = [result_topic(camera_id) for camera_id in camera_ids] if camera_ids else [RESULT_TOPIC_PREFIX]
+    return [*results, HEARTBEAT_TOPIC]
+
+
 def encode_map(
     anomaly_map: np.ndarray, encoding: str, crop_box: tuple[float, float, float, float]
 ) -> tuple[MapInfo, bytes]:

@@ -389,7 +389,8 @@ def retrain(
     daemons) only when the gate passes; otherwise the candidate and its report stay in the work folder,
     where `llb-edge promote` can still install it by hand. ``current_bundle_dir`` may be a versions
     root. ``pool_dir`` may be None when resuming a cycle whose pool snapshot is complete."""
-    from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
+    from llb_edge.exporters.bundle_export import export_bundle
+    from llb_edge.exporters.export_options import ExportOptions
     from llb_edge.trainer.pipeline import run_training
 
     options = options or RetrainOptions()

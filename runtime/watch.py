@@ -12,13 +12,11 @@ import zmq
 
 from llb_edge.protocol import (
     DEFAULT_RESULTS,
-    HEARTBEAT_TOPIC,
-    RESULT_TOPIC_PREFIX,
     Heartbeat,
     ProtocolError,
     ResultHeader,
     decode_published,
-    result_topic,
+    subscription_topics,
 )
 from llb_edge.runtime.keys import configure_client
 
@@ -73,8 +71,7 @@ def watch(
     sock.rcvtimeo = 100
     if curve_secret is not None and curve_server_public is not None:
         configure_client(sock, curve_secret, curve_server_public)
-    topics = [result_topic(camera) for camera in cameras] if cameras else [RESULT_TOPIC_PREFIX]
-    for topic in [*topics, HEARTBEAT_TOPIC]:
+    for topic in subscription_topics(cameras or ()):
         sock.setsockopt(zmq.SUBSCRIBE, topic)
     sock.connect(endpoint)
     wanted = set(cameras) if cameras else None

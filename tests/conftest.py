@@ -75,7 +75,8 @@ def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     """
     import warnings
 
-    from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
+    from llb_edge.exporters.bundle_export import export_bundle
+    from llb_edge.exporters.export_options import ExportOptions
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     with warnings.catch_warnings(record=True) as caught:

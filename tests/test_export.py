@@ -31,7 +31,8 @@ from llb_edge.bundle import (
 from llb_edge.calibration import DEFAULT_CALIBRATION_OUTLIER_Z
 from llb_edge.config import load_config
 from llb_edge.exporters import parity
-from llb_edge.exporters.bundle_export import ExportOptions, bundle_parity_images, export_bundle, resolve_formats
+from llb_edge.exporters.bundle_export import bundle_parity_images, export_bundle, resolve_formats
+from llb_edge.exporters.export_options import ExportOptions
 from llb_edge.exporters.lint import LintError, lint_model
 from llb_edge.exporters.onnx_export import ExportError, export_onnx
 from llb_edge.exporters.parity import ParityError, rankdata, spearman

@@ -200,7 +200,8 @@ class Collector(threading.Thread):
 def served_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run exported as version "v1". The run is requested from here so that, when no earlier
     test has trained it yet, it trains on one thread too (a session fixture would start first)."""
-    from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
+    from llb_edge.exporters.bundle_export import export_bundle
+    from llb_edge.exporters.export_options import ExportOptions
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

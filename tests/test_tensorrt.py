@@ -157,7 +157,8 @@ def test_missing_tensorrt_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
 def test_export_format_tensorrt_fails_fast_without_tensorrt(
     monkeypatch: pytest.MonkeyPatch, tiny_run: Path, tmp_path: Path
 ) -> None:
-    from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
+    from llb_edge.exporters.bundle_export import export_bundle
+    from llb_edge.exporters.export_options import ExportOptions
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(TensorRTError, match="--format tensorrt"):

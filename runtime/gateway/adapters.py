@@ -18,9 +18,9 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
-from llb_edge.runtime.gateway.config import ReconnectPolicy
+from llb_edge.runtime.gateway.config import AdapterConfig, ReconnectPolicy
 from llb_edge.runtime.gateway.tags import GATEWAY_TAGS, HEALTH_TAGS, STROBE_TAG, TAGS
 from llb_edge.runtime.logs import get_logger, log_event
 
@@ -30,6 +30,9 @@ logger = get_logger("gateway")
 # does it); the runner passes it on as a "health" write, or drops it for adapters whose tags only
 # the gateway can write.
 WriteKind = Literal["result", "health", "restore"]
+# What reaches an adapter: the runner has turned "restore" into "health" (or dropped it).
+PlcWriteKind = Literal["result", "health"]
+SettingsT = TypeVar("SettingsT", bound=AdapterConfig)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class Tags:
         return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()}
 
 
-def ordered_writes(tags: Tags, kind: WriteKind) -> tuple[list[tuple[str, Any]], tuple[str, Any]]:
+def ordered_writes(tags: Tags, kind: PlcWriteKind) -> tuple[list[tuple[str, Any]], tuple[str, Any]]:
     """(data tags, strobe) for a write: adapters that cannot write atomically write the strobe last."""
     values = tags.by_name()
     names = HEALTH_TAGS if kind == "health" else GATEWAY_TAGS
@@ -76,25 +79,25 @@ class HandshakeInputs:
     ack: int  # the InspectionID the PLC has consumed
 
 
-class Adapter(abc.ABC):
+class Adapter(abc.ABC, Generic[SettingsT]):
     """One PLC-facing endpoint. Methods may raise anything on failure: the runner handles it."""
 
-    name: str
-    cameras: tuple[str, ...]
     # False for the gateway's own servers, whose tags no client can write: no "restore" writes.
     tags_writable_by_others: bool = True
+
+    def __init__(self, settings: SettingsT) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.cameras = settings.cameras
 
     @abc.abstractmethod
     async def connect(self) -> None:
         """Open the connection (a client) or start listening (a server)."""
 
     @abc.abstractmethod
-    async def write_result(self, camera_id: str, tags: Tags) -> None:
-        """Write every tag of a new result; the data must be visible no later than ResultValid."""
-
-    @abc.abstractmethod
-    async def write_health(self, camera_id: str, tags: Tags) -> None:
-        """Write the HEALTH_TAGS (heartbeat, fail-safe and handshake flags)."""
+    async def write(self, camera_id: str, tags: Tags, kind: PlcWriteKind) -> None:
+        """Write a camera's tags. "result": every tag of a new result, the data visible no later than
+        ResultValid; "health": at least the HEALTH_TAGS (heartbeat, fail-safe and handshake flags)."""
 
     async def read_handshake(self, camera_id: str) -> HandshakeInputs:
         """Trigger and ResultsAck as the PLC wrote them."""
@@ -231,9 +234,8 @@ class AdapterRunner:
                         await asyncio.wait_for(self._wake.wait(), 0.5)
                     continue
                 kind, camera_id, tags = self._pending.popleft()
-                method = self.adapter.write_result if kind == "result" else self.adapter.write_health
                 try:
-                    await self._call(method(camera_id, tags))
+                    await self._call(self.adapter.write(camera_id, tags, "result" if kind == "result" else "health"))
                     self.writes += 1
                 except Exception as err:  # logged and retried: a PLC problem must not end the gateway
                     await self._disconnect(err)

@@ -29,13 +29,13 @@ import zmq.asyncio
 
 from llb_edge.protocol import (
     DECISION_OK,
-    HEARTBEAT_TOPIC,
-    RESULT_TOPIC_PREFIX,
     Heartbeat,
     ProtocolError,
     ResultHeader,
     decode_published,
     is_valid_frame_id,
+    result_topic_camera,
+    subscription_topics,
 )
 from llb_edge.runtime.gateway.adapters import Adapter, AdapterRunner, HandshakeInputs, Tags, WriteKind
 from llb_edge.runtime.gateway.config import (
@@ -65,13 +65,6 @@ class GatewayError(enum.IntEnum):
     BAD_RESULT = 201  # a result arrived whose content no tag can carry (wrong types, non-finite numbers)
     TRIGGER_TIMEOUT = 202  # handshake: no result within trigger_timeout_s after a trigger
     AWAITING_RESULT = 203  # no result for the part yet: gateway just started, or handshake Busy=1
-
-
-def result_topic_camera(parts: list[bytes]) -> str | None:
-    """The camera a published message's topic names (``result/<camera>``), or None."""
-    if not parts or not isinstance(parts[0], bytes) or not parts[0].startswith(RESULT_TOPIC_PREFIX):
-        return None
-    return parts[0][len(RESULT_TOPIC_PREFIX):].decode("utf-8", "replace")
 
 
 class UnusableResultError(ValueError):
@@ -469,7 +462,7 @@ class Gateway:
         sock.heartbeat_ivl, sock.heartbeat_timeout = 1000, 3000
         if self.config.curve_secret is not None and self.config.curve_server_public is not None:
             configure_client(sock, self.config.curve_secret, self.config.curve_server_public)
-        for topic in (RESULT_TOPIC_PREFIX, HEARTBEAT_TOPIC):
+        for topic in subscription_topics():  # every camera: results for others are counted and logged
             sock.setsockopt(zmq.SUBSCRIBE, topic)
         sock.connect(self.config.results)
         return sock

@@ -16,7 +16,6 @@ byte first, never word-swapped.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
@@ -24,7 +23,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from llb_edge.runtime.gateway.adapters import Adapter, HandshakeInputs, Tags
+from llb_edge.runtime.gateway.adapters import Adapter, HandshakeInputs, PlcWriteKind, Tags
 from llb_edge.runtime.gateway.config import ModbusConfig
 from llb_edge.runtime.gateway.tags import (
     MODBUS_BLOCK_REGISTERS,
@@ -34,9 +33,7 @@ from llb_edge.runtime.gateway.tags import (
     MODBUS_TAGS,
     MODBUS_WRITTEN_REGISTERS,
     PLC_TAGS,
-    REAL,
     TAG_BY_NAME,
-    UDINT,
     Tag,
     TagType,
     pack_status,
@@ -54,53 +51,32 @@ FC_WRITE_MULTIPLE = 16
 SERVER_FUNCTION_CODES = (FC_READ_HOLDING, FC_WRITE_SINGLE, FC_WRITE_MULTIPLE)
 
 
-def _words(data: bytes, word_order: str) -> list[int]:
-    """Big-endian 16-bit words of ``data``, the word order reversed for "little"."""
-    words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
-    return words[::-1] if word_order == "little" else words
+def _swap_words(words: list[int], word_order: str, element_bytes: int) -> list[int]:
+    """``words`` in ``word_order``: "little" reverses the words within each element (a 32-bit value's
+    two words), never the elements of an array or the characters of a string."""
+    if word_order != "little" or element_bytes <= 2:
+        return words
+    step = element_bytes // 2
+    return [word for start in range(0, len(words), step) for word in reversed(words[start : start + step])]
 
 
-def _from_words(words: list[int], word_order: str) -> bytes:
-    ordered = words[::-1] if word_order == "little" else words
-    return b"".join(word.to_bytes(2, "big") for word in ordered)
-
-
-def float32_to_registers(value: float, word_order: str) -> list[int]:
-    return _words(struct.pack(">f", value), word_order)
-
-
-def uint32_to_registers(value: int, word_order: str) -> list[int]:
-    return _words(struct.pack(">I", value & 0xFFFFFFFF), word_order)
-
-
-def registers_to_float32(words: list[int], word_order: str) -> float:
-    return struct.unpack(">f", _from_words(words, word_order))[0]
-
-
-def registers_to_uint32(words: list[int], word_order: str) -> int:
-    return struct.unpack(">I", _from_words(words, word_order))[0]
-
-
-def _encode(kind: TagType, value: Any, word_order: str) -> list[int]:
+def encode_registers(kind: TagType, value: Any, word_order: str) -> list[int]:
     """A tag value as its ``kind.registers`` registers."""
     if kind.chars:
-        text = value.encode("ascii", "replace")[: kind.chars].ljust(2 * kind.registers, b"\0")
-        return _words(text, "big")  # text is a byte string, not a number: no word swapping
-    if kind == REAL:
-        return float32_to_registers(value, word_order)
-    if kind == UDINT:
-        return uint32_to_registers(value, word_order)
-    return [item & 0xFFFF for item in value] if kind.elements else [value & 0xFFFF]
+        data = value.encode("ascii", "replace")[: kind.chars].ljust(2 * kind.registers, b"\0")
+    else:
+        data = kind.pack_number(value)
+    words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+    return words if kind.chars else _swap_words(words, word_order, kind.element_bytes)
 
 
-def _decode(kind: TagType, words: list[int], word_order: str) -> Any:
+def decode_registers(kind: TagType, words: list[int], word_order: str) -> Any:
+    """The inverse of :func:`encode_registers`."""
+    ordered = words if kind.chars else _swap_words(words, word_order, kind.element_bytes)
+    data = b"".join(word.to_bytes(2, "big") for word in ordered)
     if kind.chars:
-        return _from_words(words, "big").rstrip(b"\0").decode("ascii", "replace")
-    if kind == REAL:
-        return registers_to_float32(words, word_order)
-    if kind == UDINT:
-        return registers_to_uint32(words, word_order)
-    return list(words) if kind.elements else words[0]
+        return data.rstrip(b"\0").decode("ascii", "replace")
+    return kind.unpack_number(data)
 
 
 def encode_block(tags: Tags, word_order: str) -> list[int]:
@@ -111,7 +87,7 @@ def encode_block(tags: Tags, word_order: str) -> list[int]:
     for tag in MODBUS_TAGS:
         if tag.writer == "gateway" and tag.register is not None:
             end = tag.register + tag.type.registers
-            registers[tag.register : end] = _encode(tag.type, values[tag.name], word_order)
+            registers[tag.register : end] = encode_registers(tag.type, values[tag.name], word_order)
     return registers
 
 
@@ -119,7 +95,7 @@ def _decode_tag(tag: Tag, registers: list[int], word_order: str, first_register:
     """``tag``'s value in ``registers`` (read from ``first_register`` of the block on); None if they end before it."""
     start = (tag.register or 0) - first_register
     words = registers[start : start + tag.type.registers]
-    return _decode(tag.type, words, word_order) if len(words) == tag.type.registers else None
+    return decode_registers(tag.type, words, word_order) if len(words) == tag.type.registers else None
 
 
 def decode_block(registers: list[int], word_order: str) -> dict[str, Any]:
@@ -130,24 +106,16 @@ def decode_block(registers: list[int], word_order: str) -> dict[str, Any]:
                            lambda tag: _decode_tag(tag, registers, word_order))
 
 
-class _ModbusAdapter(Adapter):
-    def __init__(self, settings: ModbusConfig) -> None:
-        self.settings = settings
-        self.name = settings.name
-        self.cameras = settings.cameras
-
+class _ModbusAdapter(Adapter[ModbusConfig]):
     async def _write_registers(self, address: int, registers: list[int]) -> None:
         raise NotImplementedError
 
     async def _read_registers(self, address: int, count: int) -> list[int]:
         raise NotImplementedError
 
-    async def write_result(self, camera_id: str, tags: Tags) -> None:
+    async def write(self, camera_id: str, tags: Tags, kind: PlcWriteKind) -> None:
+        # Every kind writes the whole block: it is one request anyway, and the block stays consistent.
         await self._write_registers(self.settings.base_of(camera_id), encode_block(tags, self.settings.word_order))
-
-    async def write_health(self, camera_id: str, tags: Tags) -> None:
-        # The whole block is one request anyway; writing it all keeps it consistent.
-        await self.write_result(camera_id, tags)
 
     async def read_handshake(self, camera_id: str) -> HandshakeInputs:
         words = await self._read_registers(

@@ -32,7 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from llb_edge.runtime.gateway.adapters import Adapter, HandshakeInputs, Tags, WriteKind, ordered_writes
+from llb_edge.runtime.gateway.adapters import Adapter, HandshakeInputs, PlcWriteKind, Tags, ordered_writes
 from llb_edge.runtime.gateway.config import OpcUaClientConfig, OpcUaServerConfig
 from llb_edge.runtime.gateway.tags import (
     ALL_TAGS,
@@ -161,15 +161,13 @@ async def _secure_client(client: Client, settings: OpcUaClientConfig) -> None:
     )
 
 
-class OpcUaServerAdapter(Adapter):
+class OpcUaServerAdapter(Adapter[OpcUaServerConfig]):
     """An asyncua server hosting one Inspection object per camera; PLCs and HMIs connect to it."""
 
     tags_writable_by_others = False  # clients may write Trigger and ResultsAck only
 
     def __init__(self, settings: OpcUaServerConfig) -> None:
-        self.settings = settings
-        self.name = settings.name
-        self.cameras = settings.cameras
+        super().__init__(settings)
         self._server: Server | None = None
         self._namespace_index = 2
         self.endpoint = settings.endpoint
@@ -223,15 +221,9 @@ class OpcUaServerAdapter(Adapter):
                 ua.DataValue(variant, SourceTimestamp=now, ServerTimestamp=now),
             )
 
-    async def _write_kind(self, camera_id: str, tags: Tags, kind: WriteKind) -> None:
+    async def write(self, camera_id: str, tags: Tags, kind: PlcWriteKind) -> None:
         data, strobe = ordered_writes(tags, kind)
         await self._write(camera_id, [*data, strobe])  # in this order: the strobe after its data
-
-    async def write_result(self, camera_id: str, tags: Tags) -> None:
-        await self._write_kind(camera_id, tags, "result")
-
-    async def write_health(self, camera_id: str, tags: Tags) -> None:
-        await self._write_kind(camera_id, tags, "health")
 
     async def read_handshake(self, camera_id: str) -> HandshakeInputs:
         if self._server is None:
@@ -249,13 +241,11 @@ class OpcUaServerAdapter(Adapter):
                 await server.stop()
 
 
-class OpcUaClientAdapter(Adapter):
+class OpcUaClientAdapter(Adapter[OpcUaClientConfig]):
     """Writes the tags into an OPC UA server on the PLC (node ids from the config)."""
 
     def __init__(self, settings: OpcUaClientConfig) -> None:
-        self.settings = settings
-        self.name = settings.name
-        self.cameras = settings.cameras
+        super().__init__(settings)
         self._client: Client | None = None
         # camera -> tag -> [(node, type)]; BBox may map to four scalar nodes
         self._targets: dict[str, dict[str, list[tuple[Node, ua.VariantType]]]] = {}
@@ -316,18 +306,12 @@ class OpcUaClientAdapter(Adapter):
             if not status.is_good():
                 raise ua.UaStatusCodeError(status.value, f"writing {node_id}")
 
-    async def _write_kind(self, camera_id: str, tags: Tags, kind: WriteKind) -> None:
+    async def write(self, camera_id: str, tags: Tags, kind: PlcWriteKind) -> None:
         data, strobe = ordered_writes(tags, kind)
         # Two requests: a server need not apply one request's items in order, and a PLC that sees
         # ResultValid change must find the data already there.
         await self._write(camera_id, data)
         await self._write(camera_id, [strobe])
-
-    async def write_result(self, camera_id: str, tags: Tags) -> None:
-        await self._write_kind(camera_id, tags, "result")
-
-    async def write_health(self, camera_id: str, tags: Tags) -> None:
-        await self._write_kind(camera_id, tags, "health")
 
     async def read_handshake(self, camera_id: str) -> HandshakeInputs:
         if self._client is None:

@@ -12,23 +12,20 @@ the status byte never changes without its data.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from snap7 import AsyncClient
 
-from llb_edge.runtime.gateway.adapters import Adapter, HandshakeInputs, Tags
+from llb_edge.runtime.gateway.adapters import Adapter, HandshakeInputs, PlcWriteKind, Tags
 from llb_edge.runtime.gateway.config import S7Config
 from llb_edge.runtime.gateway.tags import (
     PLC_TAGS,
-    REAL,
     S7_HANDSHAKE_BYTE,
     S7_HANDSHAKE_BYTES,
     S7_STATUS_BYTE,
     S7_TAGS,
     S7_WRITTEN_BYTES,
     TAG_BY_NAME,
-    UDINT,
     Tag,
     TagType,
     pack_status,
@@ -36,19 +33,11 @@ from llb_edge.runtime.gateway.tags import (
 )
 
 
-def _struct(kind: TagType) -> struct.Struct:
-    """The big-endian layout of a number (or array of numbers) of this type."""
-    code = "f" if kind == REAL else "I" if kind == UDINT else "H"
-    return struct.Struct(f">{max(kind.elements, 1)}{code}")
-
-
 def _encode(kind: TagType, value: Any) -> bytes:
     if kind.chars:
         text = value.encode("ascii", "replace")[: kind.chars]
         return bytes([kind.chars, len(text)]) + text.ljust(kind.chars, b"\0")
-    mask = 0xFFFFFFFF if kind == UDINT else 0xFFFF
-    numbers = [value] if kind == REAL else [item & mask for item in value] if kind.elements else [value & mask]
-    return _struct(kind).pack(*numbers)
+    return kind.pack_number(value)
 
 
 def _decode_tag(tag: Tag, data: bytes, first_byte: int = 0) -> Any:
@@ -59,8 +48,7 @@ def _decode_tag(tag: Tag, data: bytes, first_byte: int = 0) -> Any:
     if tag.type.chars:
         length = min(data[start + 1], tag.type.chars)
         return bytes(data[start + 2 : start + 2 + length]).decode("ascii", "replace")
-    numbers = _struct(tag.type).unpack_from(data, start)
-    return list(numbers) if tag.type.elements else numbers[0]
+    return tag.type.unpack_number(data, start)
 
 
 def encode_s7_block(tags: Tags) -> bytearray:
@@ -79,14 +67,10 @@ def decode_s7_block(data: bytes) -> dict[str, Any]:
     return read_back_block(data[S7_STATUS_BYTE], S7_TAGS, lambda tag: _decode_tag(tag, data))
 
 
-class S7Adapter(Adapter):
+class S7Adapter(Adapter[S7Config]):
     """Writes each camera's block into a data block of an S7 CPU."""
 
-    def __init__(self, settings: S7Config) -> None:
-        self.settings = settings
-        self.name = settings.name
-        self.cameras = settings.cameras
-        self._client: AsyncClient | None = None
+    _client: AsyncClient | None = None
 
     async def connect(self) -> None:
         client = AsyncClient()
@@ -98,11 +82,9 @@ class S7Adapter(Adapter):
             raise ConnectionError("S7 connection lost")
         return self._client
 
-    async def write_result(self, camera_id: str, tags: Tags) -> None:
+    async def write(self, camera_id: str, tags: Tags, kind: PlcWriteKind) -> None:
+        # Every kind writes the whole block: one PDU either way, and the block stays consistent.
         await self._connected().db_write(self.settings.db, self.settings.offset[camera_id], encode_s7_block(tags))
-
-    async def write_health(self, camera_id: str, tags: Tags) -> None:
-        await self.write_result(camera_id, tags)  # one PDU either way; the whole block stays consistent
 
     async def read_handshake(self, camera_id: str) -> HandshakeInputs:
         start = self.settings.offset[camera_id] + S7_HANDSHAKE_BYTE

@@ -16,6 +16,7 @@ request, so a PLC never sees a new ResultValid beside old data; the PLC writes T
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,13 +42,34 @@ class TagType:
     s7_bytes: int  # bytes a value takes in the S7 block (BOOL: 0, it is a bit of the status byte)
     elements: int = 0  # array elements; 0 for a scalar
     chars: int = 0  # STRING[chars]: the most characters a value keeps
+    number_format: str = ""  # numbers: the struct format of one element (H, I, f); "" for BOOL and STRING
+
+    @property
+    def element_bytes(self) -> int:
+        return struct.calcsize(f">{self.number_format}")
+
+    def _layout(self) -> struct.Struct:
+        return struct.Struct(f">{max(self.elements, 1)}{self.number_format}")
+
+    def pack_number(self, value: Any) -> bytes:
+        """A number (or array of numbers) of this type as big-endian bytes; integers wrap to its width."""
+        numbers = list(value) if self.elements else [value]
+        if self.number_format != "f":
+            mask = (1 << 8 * self.element_bytes) - 1
+            numbers = [number & mask for number in numbers]
+        return self._layout().pack(*numbers)
+
+    def unpack_number(self, data: bytes, offset: int = 0) -> Any:
+        """The inverse of :meth:`pack_number`, reading from ``offset``: arrays as lists."""
+        numbers = self._layout().unpack_from(data, offset)
+        return list(numbers) if self.elements else numbers[0]
 
 
 BOOL = TagType("BOOL", "Boolean", registers=0, s7_bytes=0)
-UINT = TagType("UINT", "UInt16", registers=1, s7_bytes=2)
-UDINT = TagType("UDINT", "UInt32", registers=2, s7_bytes=4)
-REAL = TagType("REAL", "Float", registers=2, s7_bytes=4)
-UINT_ARRAY_4 = TagType("ARRAY[0..3] OF UINT", "UInt16", registers=4, s7_bytes=8, elements=4)
+UINT = TagType("UINT", "UInt16", registers=1, s7_bytes=2, number_format="H")
+UDINT = TagType("UDINT", "UInt32", registers=2, s7_bytes=4, number_format="I")
+REAL = TagType("REAL", "Float", registers=2, s7_bytes=4, number_format="f")
+UINT_ARRAY_4 = TagType("ARRAY[0..3] OF UINT", "UInt16", registers=4, s7_bytes=8, elements=4, number_format="H")
 
 
 def string_type(chars: int) -> TagType:

@@ -15,8 +15,8 @@ from pymodbus.client import AsyncModbusTcpClient
 
 from llb_edge.protocol import ErrorCode, ErrorInfo, Heartbeat, Region, ResultHeader
 from llb_edge.runtime.gateway import GatewayConfigError, build_config, load_config, run_gateway
-from llb_edge.runtime.gateway.adapters import Adapter, AdapterRunner, HandshakeInputs, Tags
-from llb_edge.runtime.gateway.config import CameraConfig, ReconnectPolicy, parse_config
+from llb_edge.runtime.gateway.adapters import Adapter, AdapterRunner, HandshakeInputs, PlcWriteKind, Tags
+from llb_edge.runtime.gateway.config import AdapterConfig, CameraConfig, ReconnectPolicy, parse_config
 from llb_edge.runtime.gateway.core import RESULT_ERROR_BASE, GatewayCore, GatewayError
 from llb_edge.runtime.gateway.modbus import decode_block, encode_block
 from llb_edge.runtime.gateway.tags import MODBUS_WRITTEN_REGISTERS
@@ -323,12 +323,11 @@ def test_run_gateway_entry_point_stops_on_its_event() -> None:
     assert codes == [0]
 
 
-class FlakyAdapter(Adapter):
+class FlakyAdapter(Adapter[AdapterConfig]):
     """Fails its first two connects, then fails one write; records what was written."""
 
     def __init__(self) -> None:
-        self.name = "flaky"
-        self.cameras = ("cam1",)
+        super().__init__(AdapterConfig(name="flaky", cameras=("cam1",)))
         self.connect_calls = 0
         self.fail_next_write = False
         self.written: list[tuple[str, int]] = []
@@ -338,14 +337,11 @@ class FlakyAdapter(Adapter):
         if self.connect_calls <= 2:
             raise ConnectionRefusedError("PLC not there yet")
 
-    async def write_result(self, camera_id: str, tags: Tags) -> None:
-        if self.fail_next_write:
+    async def write(self, camera_id: str, tags: Tags, kind: PlcWriteKind) -> None:
+        if kind == "result" and self.fail_next_write:
             self.fail_next_write = False
             raise ConnectionResetError("PLC went away")
-        self.written.append(("result", tags.inspection_id))
-
-    async def write_health(self, camera_id: str, tags: Tags) -> None:
-        self.written.append(("health", tags.inspection_id))
+        self.written.append((kind, tags.inspection_id))
 
     async def close(self) -> None:
         raise OSError("closing a broken connection may fail too")

@@ -243,7 +243,7 @@ async def opcua_server_views(port: int) -> dict[str, Any]:
     )
     await adapter.connect()
     try:
-        await adapter.write_result("cam1", Tags(bbox=(1, 2, 3, 4), frame_id="²", ok=True))
+        await adapter.write("cam1", Tags(bbox=(1, 2, 3, 4), frame_id="²", ok=True), "result")
         async with UaClient(adapter.endpoint, timeout=5) as client:
 
             def node(tag: str) -> Any:

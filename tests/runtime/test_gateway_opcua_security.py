@@ -73,7 +73,7 @@ def test_secured_gateway_server_serves_trusted_clients_only(certs: Path) -> None
         await adapter.connect()
         outcome: dict[str, Any] = {}
         try:
-            await adapter.write_result("cam-a", Tags(result_valid=True, ng=True, score=0.75, inspection_id=42))
+            await adapter.write("cam-a", Tags(result_valid=True, ng=True, score=0.75, inspection_id=42), "result")
             client = await connect_client(url, certs, "hmi", "gateway")
             try:
                 node = client.get_node(server_node_id(adapter.namespace_index, "cam-a", "Score"))
@@ -158,7 +158,7 @@ def test_client_adapter_writes_into_a_secured_plc_with_a_user_login(
             adapter = OpcUaClientAdapter(settings("PLC_PASSWORD"))
             await adapter.connect()
             try:
-                await adapter.write_result("cam-a", Tags(result_valid=True, ok=True, score=0.25))
+                await adapter.write("cam-a", Tags(result_valid=True, ok=True, score=0.25), "result")
             finally:
                 await adapter.close()
             outcome["written"] = {tag: server.read_attribute_value(node).Value.Value for tag, node in nodes.items()}

@@ -39,7 +39,8 @@ def ov_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     The random tiny encoder scores images close together, so bf16 may swap two of them and be
     rejected (Spearman < 0.999) on one CPU and pass on another (where bf16 falls back to f32).
     """
-    from llb_edge.exporters.bundle_export import ExportOptions, export_bundle
+    from llb_edge.exporters.bundle_export import export_bundle
+    from llb_edge.exporters.export_options import ExportOptions
 
     out = tmp_path_factory.mktemp("ov-bundles") / "tiny"
     export_bundle(tiny_run, out, ExportOptions(formats="openvino", precisions=("fp32",),

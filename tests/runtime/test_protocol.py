@@ -31,6 +31,8 @@ from llb_edge.protocol import (
     raw_frame_header,
     raw_payload_to_array,
     result_topic,
+    result_topic_camera,
+    subscription_topics,
 )
 from llb_edge.runtime.frames import decode_frame_image, raw_to_rgb8
 
@@ -104,6 +106,14 @@ def test_error_result_round_trip_for_every_code(code: ErrorCode) -> None:
     assert body["error"] == {"code": code.name, "number": int(code), "message": "why"}
     decoded, anomaly_map = decode_result(parts)
     assert decoded == header and not decoded.ok and anomaly_map is None
+
+
+def test_topics_name_the_camera_and_subscriptions_cover_heartbeats() -> None:
+    assert result_topic_camera([result_topic("cam-é"), b"{not json"]) == "cam-é"
+    for unnamed in ([], [HEARTBEAT_TOPIC, b"{}"], ["result/cam1"], [b"other/cam1"]):
+        assert result_topic_camera(unnamed) is None
+    assert subscription_topics() == [b"result/", HEARTBEAT_TOPIC]
+    assert subscription_topics(["cam1", "cam2"]) == [b"result/cam1", b"result/cam2", HEARTBEAT_TOPIC]
 
 
 def test_heartbeat_round_trip() -> None:
