@@ -181,33 +181,40 @@ def bundle_engine_name(gpu: GpuInfo, trt_version: str, precision: str) -> tuple[
     return f"tensorrt-{precision}-{tag}", f"model_{precision}_{gpu.slug()}_trt{trt_version}{ENGINE_SUFFIX}"
 
 
-def trtexec_command(
-    onnx_path: str | Path,
-    engine_path: str | Path,
-    input_size: int,
-    profile: BatchProfile,
-    plan: BuildPlan,
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-    timing_cache: str | Path | None = None,
-) -> str:
+@dataclass(frozen=True)
+class EngineJob:
+    """One engine build: what :func:`build_engine` runs through the TensorRT API and
+    :func:`trtexec_command` prints as the equivalent command line."""
+
+    onnx_path: Path  # the graph the plan asks for (fp16 ONNX when strongly typed fp16)
+    engine_path: Path
+    input_size: int
+    plan: BuildPlan
+    profile: BatchProfile
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    timing_cache: Path | None = None
+
+
+def trtexec_command(job: EngineJob) -> str:
     """The trtexec command line that builds the same engine as :func:`build_engine`.
 
     Printed with every build so an engineer can reproduce or profile the engine by hand. trtexec
     cannot pin single layers by type, so the TensorRT 10 fp16 line lacks the LayerNorm fp32 pin.
     """
+    plan = job.plan
     shape = {name: f"{INPUT_NAME}:{'x'.join(map(str, dims))}"
-             for name, dims in zip(("min", "opt", "max"), profile.shapes(input_size), strict=True)}
+             for name, dims in zip(("min", "opt", "max"), job.profile.shapes(job.input_size), strict=True)}
     parts = [
         "trtexec",
-        f"--onnx={onnx_path}",
-        f"--saveEngine={engine_path}",
+        f"--onnx={job.onnx_path}",
+        f"--saveEngine={job.engine_path}",
         f"--minShapes={shape['min']}",
         f"--optShapes={shape['opt']}",
         f"--maxShapes={shape['max']}",
-        f"--memPoolSize=workspace:{max(1, workspace_bytes >> 20)}M",
+        f"--memPoolSize=workspace:{max(1, job.workspace_bytes >> 20)}M",
     ]
-    if timing_cache is not None:
-        parts.append(f"--timingCacheFile={timing_cache}")
+    if job.timing_cache is not None:
+        parts.append(f"--timingCacheFile={job.timing_cache}")
     if plan.fp16_flag:
         parts.append("--fp16")
     if plan.strongly_typed and plan.trt_major < 11:
@@ -306,19 +313,9 @@ def _parser_errors(parser: Any) -> list[str]:
     return messages
 
 
-def build_engine(
-    onnx_path: str | Path,
-    engine_path: str | Path,
-    input_size: int,
-    plan: BuildPlan,
-    profile: BatchProfile,
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-    timing_cache: str | Path | None = None,
-) -> Path:
-    """Parse ``onnx_path`` and build a serialized engine at ``engine_path``. UNTESTED ON GPU HERE.
-
-    ``onnx_path`` must be the file the plan asks for (fp16 ONNX when strongly typed fp16).
-    """
+def build_engine(job: EngineJob) -> Path:
+    """Parse ``job.onnx_path`` and build a serialized engine at ``job.engine_path``. UNTESTED ON GPU HERE."""
+    onnx_path, plan, timing_cache = job.onnx_path, job.plan, job.timing_cache
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -333,7 +330,7 @@ def build_engine(
         raise TensorRTError(f"TensorRT's ONNX parser rejects {onnx_path}:\n  {details}")
 
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(job.workspace_bytes))
     if plan.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
         # Keep normalisation in fp32 (prefer, not obey: a missing fp32 tactic must not fail the build).
@@ -348,7 +345,7 @@ def build_engine(
         config.clear_flag(trt.BuilderFlag.TF32)
 
     optimisation = builder.create_optimization_profile()
-    low, opt, high = profile.shapes(input_size)
+    low, opt, high = job.profile.shapes(job.input_size)
     optimisation.set_shape(INPUT_NAME, low, opt, high)
     config.add_optimization_profile(optimisation)
 
@@ -362,7 +359,7 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TensorRTError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
-    engine_path = Path(engine_path)
+    engine_path = job.engine_path
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = engine_path.with_name(f".{engine_path.name}.tmp")
     with open(tmp, "wb") as handle:
@@ -422,12 +419,13 @@ def build_checked_engine(
     key = engine_cache_key(onnx_sha, version, gpu, precision, profile, plan.strongly_typed)
     engine_path = engine_cache_path(cache_root, key, gpu, version, precision)
     timing = timing_cache_path(cache_root, gpu, version)
-    command = trtexec_command(source, engine_path, input_size, profile, plan, workspace_bytes, timing)
+    job = EngineJob(source, engine_path, input_size, plan, profile, workspace_bytes, timing)
+    command = trtexec_command(job)
     log.info("TensorRT %s on %s (%s): equivalent command:\n  %s", version, gpu.name, gpu.sm, command)
     started = time.perf_counter()
     cached = engine_path.is_file()
     if not cached:
-        build_engine(source, engine_path, input_size, plan, profile, workspace_bytes, timing)
+        build_engine(job)
     seconds = time.perf_counter() - started
     run, close = runner_factory(engine_path, profile.max)
     try:

@@ -20,6 +20,8 @@ from llb_edge.exporters import parity
 from llb_edge.exporters import tensorrt as trt_export
 from llb_edge.exporters.tensorrt import (
     BatchProfile,
+    BuildPlan,
+    EngineJob,
     GpuInfo,
     TensorRTError,
     build_plan,
@@ -121,8 +123,9 @@ def test_default_cache_dir_honours_environment(monkeypatch: pytest.MonkeyPatch, 
 
 def test_trtexec_command_tensorrt10_fp16() -> None:
     plan = build_plan("10.3.0", "fp16")
-    line = trtexec_command("b/model_fp32.onnx", "out dir/e.engine", 392, BatchProfile(1, 8, 32), plan,
-                           workspace_bytes=2 << 30, timing_cache="cache/t.cache")
+    job = EngineJob(Path("b/model_fp32.onnx"), Path("out dir/e.engine"), 392, plan, BatchProfile(1, 8, 32),
+                    workspace_bytes=2 << 30, timing_cache=Path("cache/t.cache"))
+    line = trtexec_command(job)
     args = shlex.split(line)
     assert args[0] == "trtexec"
     assert "--onnx=b/model_fp32.onnx" in args
@@ -135,13 +138,17 @@ def test_trtexec_command_tensorrt10_fp16() -> None:
     assert "--fp16" in args and "--stronglyTyped" not in args
 
 
+def _trtexec_args(plan: BuildPlan) -> list[str]:
+    return shlex.split(trtexec_command(EngineJob(Path("m.onnx"), Path("e.engine"), 56, plan, BatchProfile())))
+
+
 def test_trtexec_command_strongly_typed() -> None:
-    ten = shlex.split(trtexec_command("m.onnx", "e.engine", 56, BatchProfile(), build_plan("10.8.0", "fp16", True)))
+    ten = _trtexec_args(build_plan("10.8.0", "fp16", True))
     assert "--stronglyTyped" in ten and "--fp16" not in ten
-    eleven = shlex.split(trtexec_command("m.onnx", "e.engine", 56, BatchProfile(), build_plan("11.1.0", "fp16")))
+    eleven = _trtexec_args(build_plan("11.1.0", "fp16"))
     # TensorRT 11 removed --fp16 and always types strongly: neither flag appears.
     assert "--stronglyTyped" not in eleven and "--fp16" not in eleven
-    fp32 = shlex.split(trtexec_command("m.onnx", "e.engine", 56, BatchProfile(), build_plan("10.3.0", "fp32")))
+    fp32 = _trtexec_args(build_plan("10.3.0", "fp32"))
     assert "--noTF32" in fp32
 
 
@@ -181,11 +188,11 @@ def fake_tensorrt(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Pretend TensorRT 10.3 is installed; "building" writes a placeholder engine and is recorded."""
     built: list[Path] = []
 
-    def fake_build(onnx_path, engine_path, input_size, plan, profile, workspace_bytes, timing_cache):
-        Path(engine_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(engine_path).write_bytes(b"engine for " + Path(onnx_path).name.encode())
-        built.append(Path(engine_path))
-        return Path(engine_path)
+    def fake_build(job: EngineJob) -> Path:
+        job.engine_path.parent.mkdir(parents=True, exist_ok=True)
+        job.engine_path.write_bytes(b"engine for " + job.onnx_path.name.encode())
+        built.append(job.engine_path)
+        return job.engine_path
 
     monkeypatch.setattr(trt_export, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.3.0"))
     monkeypatch.setattr(trt_export, "build_engine", fake_build)
