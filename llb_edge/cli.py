@@ -44,6 +44,15 @@ SetOption = Annotated[
     typer.Option("--set", "-s", help="Override any config key, e.g. --set train.iterations=200 (repeatable)."),
 ]
 
+# Options several commands share, spelled once.
+DatasetOption = Annotated[str | None, typer.Option(help="mtd | mvtec | visa | realiad | folder | elpv.")]
+CategoryOption = Annotated[str | None, typer.Option(help="Category for multi-category datasets.")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages too.")]
+ClientKeyOption = Annotated[Path | None, typer.Option("--curve-secret", help="This client's .key_secret (CURVE).")]
+ServerKeyOption = Annotated[Path | None, typer.Option("--curve-server", help="The daemon's public .key (CURVE).")]
+ReasonOption = Annotated[str, typer.Option(help="Why (recorded in the history).")]
+ActorOption = Annotated[str | None, typer.Option(help="Who (recorded; default: user@host).")]
+
 
 def fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -61,8 +70,8 @@ def train(
     name: Annotated[str | None, typer.Option(help="Run name: outputs go to OUT_DIR/NAME.")] = None,
     out_dir: Annotated[str | None, typer.Option(help="Parent folder of run directories.")] = None,
     data: Annotated[str | None, typer.Option(help="Dataset root (data.root).")] = None,
-    dataset: Annotated[str | None, typer.Option(help="mtd | mvtec | visa | realiad | folder | elpv.")] = None,
-    category: Annotated[str | None, typer.Option(help="Category for multi-category datasets.")] = None,
+    dataset: DatasetOption = None,
+    category: CategoryOption = None,
     weights: Annotated[
         str | None, typer.Option(help="Backbone weights: .safetensors, .pth, 'embedded', 'timm'.")
     ] = None,
@@ -82,7 +91,7 @@ def train(
     submodel_iterations: Annotated[int | None, typer.Option(help="LLB stage 1: iterations per sub-model.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run (same name) where it stopped.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the test-split evaluation at the end.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Train a model: LLB screening (stage 1) and the final Dinomaly model (stage 2), then evaluate it.
 
@@ -298,8 +307,8 @@ def replay(
     encoding: Annotated[str, typer.Option(help="raw | jpeg | png.")] = "raw",
     loop: Annotated[bool, typer.Option(help="Repeat the source.")] = False,
     count: Annotated[int | None, typer.Option(help="Stop after this many frames.")] = None,
-    curve_secret: Annotated[Path | None, typer.Option(help="This client's .key_secret (CURVE).")] = None,
-    curve_server: Annotated[Path | None, typer.Option(help="The daemon's public .key (CURVE).")] = None,
+    curve_secret: ClientKeyOption = None,
+    curve_server: ServerKeyOption = None,
 ) -> None:
     """Stream a folder of images or a video to a daemon as camera frames (a camera simulator)."""
     from llb_edge.runtime.replay import replay as run_replay
@@ -319,8 +328,8 @@ def watch(
     count: Annotated[int | None, typer.Option(help="Stop after this many results.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
     heartbeats: Annotated[bool, typer.Option(help="Print heartbeats too.")] = False,
-    curve_secret: Annotated[Path | None, typer.Option(help="This client's .key_secret (CURVE).")] = None,
-    curve_server: Annotated[Path | None, typer.Option(help="The daemon's public .key (CURVE).")] = None,
+    curve_secret: ClientKeyOption = None,
+    curve_server: ServerKeyOption = None,
 ) -> None:
     """Print a daemon's results live, one line per frame."""
     from llb_edge.runtime.watch import watch as run_watch
@@ -421,8 +430,8 @@ def floats(text: str) -> tuple[float, ...]:
 @bench_app.command("contamination")
 def bench_contamination(
     data: Annotated[str, typer.Option(help="Dataset root.")],
-    dataset: Annotated[str, typer.Option(help="mtd | mvtec | visa | realiad | folder | elpv.")] = "mtd",
-    category: Annotated[str | None, typer.Option(help="Category for multi-category datasets.")] = None,
+    dataset: DatasetOption = "mtd",
+    category: CategoryOption = None,
     alphas: Annotated[str, typer.Option(help="Contamination levels, comma-separated.")] = "0,0.1,0.2,0.4",
     ks: Annotated[str, typer.Option(help="k values for the ablation, comma-separated.")] = "1,3,5,7",
     variants: Annotated[str, typer.Option(
@@ -556,7 +565,7 @@ def bundle_set_threshold(
     value: Annotated[float | None, typer.Argument(help="New decision threshold: score >= value is NG.")] = None,
     target_frr: Annotated[float | None, typer.Option(
         help="Instead of a value: the false-reject rate to calibrate for, on the bundle's calibration scores.")] = None,
-    by: Annotated[str | None, typer.Option(help="Who changes it (default: user@host).")] = None,
+    by: ActorOption = None,
 ) -> None:
     """Change the OK/NG threshold without re-exporting; the old value stays in the history.
 
@@ -704,7 +713,7 @@ def retrain(
     resume: Annotated[Path | None, typer.Option(
         help="A retrain work folder (OUT/retrain-VERSION) to continue where it stopped; on a finished one, "
              "decide again under the gate options given now.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Retrain from the line: LLB on the capture pool, a candidate bundle, a comparison report, and
     promotion only if the gate passes. Exit code 1 when the gate fails or a daemon did not reload."""
@@ -748,7 +757,7 @@ def label(
     frames: Annotated[list[str], typer.Argument(help="Frames: file name, or camera/frame_id.")],
     ok: Annotated[bool | None, typer.Option("--ok/--ng", help="Mark the frames OK or NG.")] = None,
     clear: Annotated[bool, typer.Option("--clear", help="Remove the frames' labels.")] = False,
-    by: Annotated[str | None, typer.Option(help="Who labels (default: user@host).")] = None,
+    by: ActorOption = None,
 ) -> None:
     """Mark captured pool frames OK or NG (optional; used for evaluation only, never trained on)."""
     from llb_edge.trainer.label import label_frames
@@ -775,8 +784,8 @@ def promote(
     bundle: Annotated[Path, typer.Argument(help="Bundle to install as a new version.")],
     report: Annotated[Path | None, typer.Option(help="Report folder kept beside the version.")] = None,
     notify: NotifyOption = None,
-    reason: Annotated[str, typer.Option(help="Why (recorded in the history).")] = "manual promotion",
-    by: Annotated[str | None, typer.Option(help="Who (default: user@host).")] = None,
+    reason: ReasonOption = "manual promotion",
+    by: ActorOption = None,
 ) -> None:
     """Install a bundle as the current version and hot-reload the daemons. Exit 1 if one did not reload."""
     from llb_edge.runtime.versions import promote as run_promote
@@ -794,8 +803,8 @@ def promote(
 def rollback(
     root: Annotated[Path, typer.Argument(help="Versioned bundle folder.")],
     notify: NotifyOption = None,
-    reason: Annotated[str, typer.Option(help="Why (recorded in the history).")] = "manual rollback",
-    by: Annotated[str | None, typer.Option(help="Who (default: user@host).")] = None,
+    reason: ReasonOption = "manual rollback",
+    by: ActorOption = None,
 ) -> None:
     """Return to the version promoted before the current one and hot-reload the daemons."""
     from llb_edge.runtime.versions import rollback as run_rollback
