@@ -26,7 +26,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -440,34 +440,17 @@ class ResultHeader:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "camera_id": self.camera_id,
-            "frame_id": self.frame_id,
-            "seq": self.seq,
-            "decision": self.decision,
-            "score": self.score,
-            "score_max": self.score_max,
-            "threshold": self.threshold,
-            "region": None if self.region is None else {"area_px": self.region.area_px, "bbox": list(self.region.bbox)},
+        """The header's JSON object: every field under its own name, tuples as lists, the error code by
+        name and number, the map's value range as ``range``."""
+        region, error, info = self.region, self.error, self.map
+        return {"version": self.version} | {item.name: getattr(self, item.name) for item in fields(self)} | {
+            "region": None if region is None else {"area_px": region.area_px, "bbox": list(region.bbox)},
             "image_size": None if self.image_size is None else list(self.image_size),
-            "model_id": self.model_id,
-            "model_version": self.model_version,
-            "backend": self.backend,
-            "latency_ms": self.latency_ms,
-            "capture_ts": self.capture_ts,
-            "published_ts": self.published_ts,
-            "error": None
-            if self.error is None
-            else {"code": self.error.code.name, "number": int(self.error.code), "message": self.error.message},
-            "map": None
-            if self.map is None
-            else {
-                "encoding": self.map.encoding,
-                "shape": list(self.map.shape),
-                "range": list(self.map.value_range),
-                "crop_box": list(self.map.crop_box),
-            },
+            "error": None if error is None else {
+                "code": error.code.name, "number": int(error.code), "message": error.message},
+            "map": None if info is None else {
+                "encoding": info.encoding, "shape": list(info.shape), "range": list(info.value_range),
+                "crop_box": list(info.crop_box)},
         }
 
     @classmethod
