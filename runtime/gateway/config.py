@@ -177,8 +177,10 @@ class GatewayConfig:
             problems.append("no adapters (add an [adapters.NAME] table or a --opcua/--modbus flag)")
         if self.fail_safe_s <= 0 or self.heartbeat_s <= 0 or self.handshake_poll_s <= 0 or self.write_timeout_s <= 0:
             problems.append("fail_safe_s, heartbeat_s, handshake_poll_s and write_timeout_s must be > 0")
-        if self.reconnect.initial_s <= 0 or self.reconnect.max_s < self.reconnect.initial_s:
+        if not 0 < self.reconnect.initial_s <= self.reconnect.max_s:  # NaN fails it too
             problems.append("reconnect: need 0 < reconnect_initial_s <= reconnect_max_s")
+        if not self.reconnect.factor >= 1:  # below 1 the delays shrink to a busy reconnect loop
+            problems.append(f"reconnect: reconnect_factor must be >= 1, got {self.reconnect.factor}")
         if (self.curve_secret is None) != (self.curve_server_public is None):
             problems.append("CURVE needs both curve_secret and curve_server_public")
         names = [adapter.name for adapter in self.adapters]

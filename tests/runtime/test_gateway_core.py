@@ -290,6 +290,13 @@ def test_config_example_and_errors(tmp_path: Path) -> None:
         parse_config({"cameras": {"a": {}}, "adapters": {"m": {"type": "modbus-server", "word_order": "middle"}}})
     with pytest.raises(GatewayConfigError, match="no adapters"):
         build_config(None, cameras=["cam1"])
+    modbus = {"m": {"type": "modbus-server"}}
+    for factor in (0.5, 0, float("nan")):
+        with pytest.raises(GatewayConfigError, match="reconnect_factor"):
+            parse_config({"gateway": {"reconnect_factor": factor}, "cameras": {"a": {}}, "adapters": modbus})
+    for delays in ({"reconnect_initial_s": float("nan")}, {"reconnect_initial_s": 5.0, "reconnect_max_s": 1.0}):
+        with pytest.raises(GatewayConfigError, match="reconnect_initial_s"):
+            parse_config({"gateway": delays, "cameras": {"a": {}}, "adapters": modbus})
     flags = build_config(None, "tcp://127.0.0.1:9", cameras=["a", "b"], modbus_client="10.0.0.5:1502")
     [adapter] = flags.adapters
     assert (adapter.host, adapter.port, adapter.base) == ("10.0.0.5", 1502, {"a": 0, "b": 32})
