@@ -134,6 +134,7 @@ class AdapterRunner:
         self._call_timeout_s = call_timeout_s
         # Connecting may take far longer than a write: an OPC UA server builds its address space.
         self._connect_timeout_s = connect_timeout_s
+        self._delays = policy.delays()
         self._pending: deque[tuple[WriteKind, str, Tags]] = deque()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # one request at a time on the adapter's connection
@@ -196,12 +197,12 @@ class AdapterRunner:
             await self._disconnect(err)
             return None
 
-    async def _connect(self, stop: asyncio.Event, backoff: Any) -> bool:
+    async def _connect(self, stop: asyncio.Event) -> bool:
         try:
             await self._call(self.adapter.connect(), self._connect_timeout_s)
         except Exception as err:  # logged and retried: a PLC problem must not end the gateway
             self.last_error = f"{type(err).__name__}: {err}"
-            delay = backoff.next()
+            delay = next(self._delays)
             # The first failure is news; repeats every backoff step are not, but stay visible.
             level = logging.WARNING if self.connects == 0 and delay == self._policy.initial_s else logging.INFO
             log_event(logger, level, "adapter_connect_failed", adapter=self.name, error=self.last_error, retry_s=delay)
@@ -210,7 +211,7 @@ class AdapterRunner:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             return False
-        backoff.reset()
+        self._delays = self._policy.delays()  # the next outage starts again from initial_s
         self.connects += 1
         self.connected = True
         event = "adapter_connected" if self.connects == 1 else "adapter_reconnected"
@@ -222,11 +223,10 @@ class AdapterRunner:
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = self._policy.delays()
         try:
             while not stop.is_set():
                 if not self.connected:
-                    await self._connect(stop, backoff)
+                    await self._connect(stop)
                     continue
                 if not self._pending:
                     self._wake.clear()

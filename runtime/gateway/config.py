@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,22 +62,12 @@ class ReconnectPolicy:
     max_s: float = 10.0
     factor: float = 2.0
 
-    def delays(self) -> _Backoff:
-        return _Backoff(self)
-
-
-class _Backoff:
-    def __init__(self, policy: ReconnectPolicy) -> None:
-        self._policy = policy
-        self._next = policy.initial_s
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self._policy.max_s, self._next * self._policy.factor)
-        return delay
-
-    def reset(self) -> None:
-        self._next = self._policy.initial_s
+    def delays(self) -> Iterator[float]:
+        """The waits after each failed attempt: initial_s, then factor times the last, up to max_s."""
+        delay = self.initial_s
+        while True:
+            yield delay
+            delay = min(self.max_s, delay * self.factor)
 
 
 @dataclass(frozen=True)

@@ -302,6 +302,11 @@ def test_config_example_and_errors(tmp_path: Path) -> None:
     assert (adapter.host, adapter.port, adapter.base) == ("10.0.0.5", 1502, {"a": 0, "b": 32})
 
 
+def test_reconnect_delays_grow_by_the_factor_up_to_the_cap() -> None:
+    delays = ReconnectPolicy(initial_s=0.5, max_s=2.0, factor=3.0).delays()
+    assert [next(delays) for _ in range(4)] == [0.5, 1.5, 2.0, 2.0]
+
+
 def test_run_gateway_entry_point_stops_on_its_event() -> None:
     runtime_logger, root = logging.getLogger("llb_edge.runtime"), logging.getLogger()
     saved = (list(runtime_logger.handlers), runtime_logger.propagate, runtime_logger.level)
