@@ -68,32 +68,34 @@ def mtd_pool():
     return normals, defects
 
 
+def _mvtec_like_tree(base: Path, mtd_pool, image_name, mask_name, defect_dir=None) -> None:
+    """MVTec-shaped category folder (VisA's per-category layout is the same): train/good, test/good,
+    test/<defect>, ground_truth/<defect>. ``image_name(split, i)`` and ``mask_name(i)`` name the files;
+    ``defect_dir`` is the defect folder (None: the defect's kind)."""
+    normals, defects = mtd_pool
+    for i, img in enumerate(normals[:4]):
+        _imwrite(base / "train" / "good" / image_name("train", i), img)
+    for i, img in enumerate(normals[4:6]):
+        _imwrite(base / "test" / "good" / image_name("good", i), img)
+    for i, (img, mask, kind) in enumerate(defects):
+        _imwrite(base / "test" / (defect_dir or kind) / image_name("defect", i), img)
+        _imwrite(base / "ground_truth" / (defect_dir or kind) / mask_name(i), mask)
+
+
 @pytest.fixture()
 def mvtec_root(tmp_path, mtd_pool):
-    normals, defects = mtd_pool
     base = tmp_path / "mvtec" / "tile"
-    for i, img in enumerate(normals[:4]):
-        _imwrite(base / "train" / "good" / f"{i:03d}.png", img)
-    for i, img in enumerate(normals[4:6]):
-        _imwrite(base / "test" / "good" / f"{i:03d}.png", img)
-    for i, (img, mask, kind) in enumerate(defects):
-        _imwrite(base / "test" / kind / f"{i:03d}.png", img)
-        _imwrite(base / "ground_truth" / kind / f"{i:03d}_mask.png", mask)
+    _mvtec_like_tree(base, mtd_pool, lambda split, i: f"{i:03d}.png", lambda i: f"{i:03d}_mask.png")
     (base / "license.txt").write_text("not an image folder\n")
     return tmp_path / "mvtec"
 
 
 @pytest.fixture()
 def visa_root(tmp_path, mtd_pool):
-    normals, defects = mtd_pool
-    base = tmp_path / "visa" / "tile"
-    for i, img in enumerate(normals[:4]):
-        _imwrite(base / "train" / "good" / f"{i:04d}.JPG", img)
-    for i, img in enumerate(normals[4:6]):
-        _imwrite(base / "test" / "good" / f"{100 + i:04d}.JPG", img)
-    for i, (img, mask, _) in enumerate(defects):
-        _imwrite(base / "test" / "bad" / f"{200 + i:04d}.JPG", img)
-        _imwrite(base / "ground_truth" / "bad" / f"{200 + i:04d}.png", mask)
+    # VisA numbers its files across the category: train 0.., test good 100.., test bad 200..
+    first = {"train": 0, "good": 100, "defect": 200}
+    _mvtec_like_tree(tmp_path / "visa" / "tile", mtd_pool, lambda split, i: f"{first[split] + i:04d}.JPG",
+                     lambda i: f"{200 + i:04d}.png", defect_dir="bad")
     return tmp_path / "visa"
 
 
