@@ -75,6 +75,8 @@ class ExportError(LLBEdgeError, RuntimeError):
 
 @dataclass
 class OnnxExport:
+    """One exported ONNX graph and how the export went (bundle.json records ``to_dict()``)."""
+
     path: Path
     precision: str
     opset: int

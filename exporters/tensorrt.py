@@ -226,6 +226,8 @@ def trtexec_command(job: EngineJob) -> str:
 
 @dataclass
 class EngineBuild:
+    """An engine that passed its parity gate: where it is, what built it, and where it can run."""
+
     engine_path: Path
     key: str
     cached: bool  # True: reused from the engine cache, no build ran

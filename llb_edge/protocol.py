@@ -213,6 +213,8 @@ def is_valid_frame_id(value: object) -> bool:
 
 @dataclass(frozen=True)
 class FrameHeader:
+    """The JSON header of a frame message: which camera sent which frame, and how its pixels travel."""
+
     camera_id: str
     frame_id: int | str  # echoed in the result; a PLC InspectionID is an int
     encoding: str  # raw | jpeg | png
@@ -408,12 +410,16 @@ class MapInfo:
 
 @dataclass(frozen=True)
 class ErrorInfo:
+    """Why a frame got no decision: the code a PLC can act on and a message for people."""
+
     code: ErrorCode
     message: str
 
 
 @dataclass(frozen=True)
 class ResultHeader:
+    """The JSON header of a result message: the daemon's verdict on one frame (docs/protocol.md)."""
+
     camera_id: str
     frame_id: int | str
     decision: str | None  # "OK" | "NG"; None when ``error`` is set (treat as reject)

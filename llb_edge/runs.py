@@ -109,12 +109,16 @@ class BackboneRecord:
 
 @dataclass(frozen=True)
 class InputSize:
+    """The pre-processing the run trained at (config.json's data.resize and data.crop)."""
+
     resize: int
     crop: int
 
 
 @dataclass(frozen=True)
 class DatasetSizes:
+    """The run's split: its name and how many images each side holds (split.json lists them)."""
+
     name: str  # the split's name, contamination included (e.g. "mtd+alpha0.1")
     train: int
     test: int
@@ -122,6 +126,8 @@ class DatasetSizes:
 
 @dataclass(frozen=True)
 class TrainTiming:
+    """Where the final model's training time went (stage 1's is in the screening summary)."""
+
     encode_seconds: float
     train_seconds: float
     train_images_per_second: float
