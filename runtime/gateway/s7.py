@@ -70,7 +70,9 @@ def decode_s7_block(data: bytes) -> dict[str, Any]:
 class S7Adapter(Adapter[S7Config]):
     """Writes each camera's block into a data block of an S7 CPU."""
 
-    _client: AsyncClient | None = None
+    def __init__(self, settings: S7Config) -> None:
+        super().__init__(settings)
+        self._client: AsyncClient | None = None
 
     async def connect(self) -> None:
         client = AsyncClient()
