@@ -28,6 +28,7 @@ from asyncua import Client, Node, Server, ua
 from asyncua.crypto import cert_gen, security_policies, uacrypto
 from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+from asyncua.ua.status_codes import get_name_and_doc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -57,8 +58,13 @@ _INT_RANGES = {
 }
 
 
+def string_node_id(name: str, namespace_index: int) -> ua.NodeId:
+    # asyncua's annotations ask for its own str and int subclasses, which is what it makes of these.
+    return ua.NodeId(ua.String(name), ua.Int16(namespace_index))
+
+
 def server_node_id(namespace_index: int, camera_id: str, tag: str) -> ua.NodeId:
-    return ua.NodeId(opcua_node_name(camera_id, tag), namespace_index)
+    return string_node_id(opcua_node_name(camera_id, tag), namespace_index)
 
 
 def convert(value: Any, variant_type: ua.VariantType) -> Any:
@@ -185,11 +191,11 @@ class OpcUaServerAdapter(Adapter[OpcUaServerConfig]):
         await _secure_server(server, self.settings)
         index = await server.register_namespace(self.settings.namespace)
         folder = await server.nodes.objects.add_folder(
-            ua.NodeId(OPCUA_FOLDER, index), ua.QualifiedName(OPCUA_FOLDER, index)
+            string_node_id(OPCUA_FOLDER, index), ua.QualifiedName(OPCUA_FOLDER, index)
         )
         for camera_id in self.cameras:
             inspection = await folder.add_object(
-                ua.NodeId(f"{OPCUA_FOLDER}.{camera_id}", index), ua.QualifiedName(camera_id, index)
+                string_node_id(f"{OPCUA_FOLDER}.{camera_id}", index), ua.QualifiedName(camera_id, index)
             )
             initial = Tags().by_name() | {"Trigger": 0, "ResultsAck": 0}
             for tag in ALL_TAGS:
@@ -204,7 +210,8 @@ class OpcUaServerAdapter(Adapter[OpcUaServerConfig]):
                     # A fixed-length one-dimensional array (UInt16[4]); asyncua would leave the
                     # rank open (ValueRank 0, "one or more dimensions").
                     await node.write_value_rank(ua.ValueRank.OneDimension)
-                    await node.write_array_dimensions([kind.elements])
+                    # ArrayDimensions is an array (UInt32[]); asyncua annotates the value as a plain int.
+                    await node.write_array_dimensions([kind.elements])  # type: ignore[arg-type]
                 if tag in PLC_TAGS:
                     await node.set_writable()
         self._namespace_index = index
@@ -213,7 +220,7 @@ class OpcUaServerAdapter(Adapter[OpcUaServerConfig]):
     async def _write(self, camera_id: str, items: list[tuple[str, Any]]) -> None:
         if self._server is None:
             raise ConnectionError("OPC UA server not started")
-        now = datetime.datetime.now(datetime.UTC)
+        now = ua.DateTime.now(datetime.UTC)
         for tag, value in items:
             variant = _variant(value, ua.VariantType[TAG_BY_NAME[tag].type.opcua])
             await self._server.write_attribute_value(
@@ -228,11 +235,10 @@ class OpcUaServerAdapter(Adapter[OpcUaServerConfig]):
     async def read_handshake(self, camera_id: str) -> HandshakeInputs:
         if self._server is None:
             raise ConnectionError("OPC UA server not started")
-        values = [
-            self._server.read_attribute_value(server_node_id(self._namespace_index, camera_id, tag)).Value.Value
-            for tag in PLC_TAGS
-        ]
-        return HandshakeInputs(trigger=int(values[0] or 0), ack=int(values[1] or 0))
+        variants = [self._server.read_attribute_value(server_node_id(self._namespace_index, camera_id, tag)).Value
+                    for tag in PLC_TAGS]
+        trigger, ack = (0 if variant is None else int(variant.Value or 0) for variant in variants)
+        return HandshakeInputs(trigger=trigger, ack=ack)
 
     async def close(self) -> None:
         server, self._server = self._server, None
@@ -304,7 +310,8 @@ class OpcUaClientAdapter(Adapter[OpcUaClientConfig]):
         results = await self._client.uaclient.write_attributes(node_ids, values, ua.AttributeIds.Value)
         for node_id, status in zip(node_ids, results, strict=True):
             if not status.is_good():
-                raise ua.UaStatusCodeError(status.value, f"writing {node_id}")
+                name, doc = get_name_and_doc(status.value)
+                raise ConnectionError(f"the OPC UA server refused writing {node_id.to_string()}: {name} ({doc})")
 
     async def write(self, camera_id: str, tags: Tags, kind: PlcWriteKind) -> None:
         data, strobe = ordered_writes(tags, kind)

@@ -29,10 +29,16 @@ from test_gateway_e2e import LoopThread, PlcModbusServer, free_port
 from llb_edge.protocol import Heartbeat, encode_heartbeat
 from llb_edge.runtime.gateway import GatewayThread
 from llb_edge.runtime.gateway.adapters import Tags
-from llb_edge.runtime.gateway.config import CameraConfig, GatewayConfig, ModbusConfig, OpcUaServerConfig
+from llb_edge.runtime.gateway.config import (
+    CameraConfig,
+    GatewayConfig,
+    ModbusConfig,
+    OpcUaClientConfig,
+    OpcUaServerConfig,
+)
 from llb_edge.runtime.gateway.core import RESULT_ERROR_BASE, GatewayError
 from llb_edge.runtime.gateway.modbus import decode_block
-from llb_edge.runtime.gateway.opcua import OpcUaServerAdapter, server_node_id
+from llb_edge.runtime.gateway.opcua import OpcUaClientAdapter, OpcUaServerAdapter, server_node_id
 from llb_edge.runtime.gateway.run import PROTOCOL_LIBRARIES
 from llb_edge.runtime.gateway.tags import STATUS_BITS
 from llb_edge.runtime.logs import capture_library_logs
@@ -274,6 +280,35 @@ def test_opcua_bbox_is_a_one_dimensional_array_of_four_and_frame_id_a_string() -
     assert views["bbox"] == [1, 2, 3, 4] and views["bbox_type"] == ua.VariantType.UInt16
     assert views["frame_id"] == "²"
     assert views["ok_write"] == "BadUserAccessDenied" or views["ok_write"].startswith("BadNotWritable")
+
+
+async def refused_client_write(port: int) -> Exception:
+    """An opcua-client adapter writing a node its server will not let clients write (the gateway's
+    own server plays the PLC: its OK node is read-only to clients)."""
+    plc = OpcUaServerAdapter(
+        OpcUaServerConfig(name="plc", cameras=("cam1",), endpoint=f"opc.tcp://127.0.0.1:{port}/plc/")
+    )
+    await plc.connect()
+    writer = OpcUaClientAdapter(OpcUaClientConfig(
+        name="writer", cameras=("cam1",), url=plc.endpoint, tags=("OK",),
+        node_template=f"ns={plc.namespace_index};s=Inspection.{{camera}}.{{tag}}"))
+    try:
+        await writer.connect()
+        with pytest.raises(Exception) as refused:
+            await writer.write("cam1", Tags(ok=True), "result")
+        return refused.value
+    finally:
+        await writer.close()
+        await plc.close()
+
+
+def test_a_refused_opcua_write_names_the_node_and_the_status() -> None:
+    """The refusal reaches the runner's log as what the PLC said, not as an error of our own making
+    (it raised a TypeError from building the status exception)."""
+    error = asyncio.run(refused_client_write(free_port()))
+    assert isinstance(error, ConnectionError), repr(error)
+    assert "Inspection.cam1.OK" in str(error)
+    assert "BadUserAccessDenied" in str(error) or "BadNotWritable" in str(error)
 
 
 # --------------------------------------------------------------------------------------- logs
