@@ -276,7 +276,7 @@ def training_bytes_estimate(ctx: Stage1Context) -> int:
     104 * dim^2 parameters), plus activations saved for backward, counted as ~24 floats per token
     and channel per decoder block (qkv, attention terms, two norms, the 4x MLP).
     """
-    dim = ctx.encoder.patch_proj.out_channels
+    dim = ctx.encoder.embed_dim
     tokens = ctx.encoder.grid**2 + ctx.encoder.num_prefix_tokens
     params = 104 * dim * dim
     activations = ctx.cfg.train.batch_size * tokens * dim * 24 * 8

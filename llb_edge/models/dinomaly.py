@@ -21,6 +21,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from llb_edge.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -65,9 +66,12 @@ def encoder_spec(name: str) -> EncoderSpec:
     return ENCODERS[name]
 
 
-def create_timm_vit(spec: EncoderSpec) -> nn.Module:
+def create_timm_vit(spec: EncoderSpec) -> VisionTransformer:
     """The timm ViT at its 518 px pretraining size, so DINOv2 checkpoints load with strict=True."""
-    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs)
+    vit = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs)
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"{spec.timm_name} is a {type(vit).__name__}, not the ViT the encoder is built from")
+    return vit
 
 
 class DinoEncoder(nn.Module):
@@ -79,12 +83,12 @@ class DinoEncoder(nn.Module):
     """
 
     # Declared for the type checker: nn.Module's attribute lookup alone types them Tensor | Module.
-    patch_proj: nn.Module
+    patch_proj: nn.Module  # the ViT's patch convolution (the fp16 export wraps it in a cast)
     pos_embed: torch.Tensor
 
-    def __init__(self, vit: nn.Module, input_size: int, tap_blocks: tuple[int, ...] = TAP_BLOCKS) -> None:
+    def __init__(self, vit: VisionTransformer, input_size: int, tap_blocks: tuple[int, ...] = TAP_BLOCKS) -> None:
         super().__init__()
-        patch = vit.patch_embed.patch_size[0]
+        patch = int(vit.patch_embed.patch_size[0])
         if input_size % patch:
             raise ValueError(f"input size {input_size} is not a multiple of the patch size {patch}")
         self.grid = input_size // patch
@@ -92,7 +96,10 @@ class DinoEncoder(nn.Module):
         self.tap_blocks = tuple(tap_blocks)
         self.no_embed_class = bool(vit.no_embed_class)
         self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        if vit.pos_embed is None or vit.cls_token is None:
+            raise ValueError("the encoder needs a ViT with a class token and absolute position embeddings (DINOv2)")
         self.patch_proj = vit.patch_embed.proj
+        self.embed_dim = int(vit.patch_embed.proj.out_channels)  # token width, the decoder's too
         self.cls_token = vit.cls_token
         self.reg_token = vit.reg_token
         if self.reg_token is not None and not self.no_embed_class:
@@ -232,7 +239,7 @@ class EncoderFeatures:
 class Dinomaly(nn.Module):
     def __init__(self, encoder: DinoEncoder, num_heads: int, dropout: float = 0.2, decoder_depth: int = 8) -> None:
         super().__init__()
-        dim = encoder.patch_proj.out_channels
+        dim = encoder.embed_dim
         if decoder_depth % len(GROUPS):
             raise ValueError(f"decoder depth {decoder_depth} must split evenly into {len(GROUPS)} groups")
         self.encoder = encoder
