@@ -72,7 +72,10 @@ class BatchProfile:
 
     def shapes(self, input_size: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) shapes of the uint8 NHWC input at ``input_size``."""
-        return tuple((batch, input_size, input_size, 3) for batch in (self.min, self.opt, self.max))  # type: ignore[return-value]
+        def shape(batch: int) -> tuple[int, ...]:
+            return batch, input_size, input_size, 3
+
+        return shape(self.min), shape(self.opt), shape(self.max)
 
     def label(self) -> str:
         return f"b{self.min}-{self.opt}-{self.max}"

@@ -210,10 +210,10 @@ class FrameCapture:
         problems = options.problems()
         if options.pool_dir is None:
             problems.append("capture needs a pool_dir")
-        if problems:
+        if problems or options.pool_dir is None:
             raise ValueError("invalid capture options: " + "; ".join(problems))
         self.options = options
-        self.pool_dir = Path(options.pool_dir)  # type: ignore[arg-type]
+        self.pool_dir = Path(options.pool_dir)
         self.frames_dir = self.pool_dir / FRAMES_DIR
         self.manifest_path = self.pool_dir / MANIFEST_NAME
         self.metrics = CaptureMetrics(registry or MetricsRegistry())

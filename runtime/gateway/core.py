@@ -42,6 +42,7 @@ from llb_edge.runtime.gateway.config import (
     CameraConfig,
     GatewayConfig,
     ModbusConfig,
+    OpcUaClientConfig,
     OpcUaServerConfig,
     S7Config,
 )
@@ -399,10 +400,12 @@ def build_adapters(config: GatewayConfig) -> list[Adapter]:
             from llb_edge.runtime.gateway.opcua import OpcUaServerAdapter
 
             adapters.append(OpcUaServerAdapter(settings))
-        else:
+        elif isinstance(settings, OpcUaClientConfig):
             from llb_edge.runtime.gateway.opcua import OpcUaClientAdapter
 
-            adapters.append(OpcUaClientAdapter(settings))  # type: ignore[arg-type]
+            adapters.append(OpcUaClientAdapter(settings))
+        else:
+            raise TypeError(f"no adapter for {type(settings).__name__} ({settings.name})")
     return adapters
 
 
